@@ -1,0 +1,445 @@
+//! Avro telemetry in the Confluent wire format.
+//!
+//! Decoding needs the writer's schema, which only the registry knows. The runner fetches
+//! any schema a batch needs into the [`SchemaCache`] before the stage sees the batch, so
+//! decoding itself stays pure and never waits on the network.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, LazyLock, RwLock};
+
+use apache_avro::types::Value;
+use apache_avro::{reader::datum::GenericDatumReader, writer::datum::GenericDatumWriter, Schema};
+
+use super::{confluent_schema_id, DecodeError, EncodeError, CONFLUENT_MAGIC};
+use crate::record::{CleanSample, RawTimestamp, TelemetrySample};
+
+/// The raw telemetry schema (`schemas/telemetry.raw.avsc`).
+pub const RAW_SCHEMA: &str = include_str!("../../../schemas/telemetry.raw.avsc");
+/// The clean telemetry schema (`schemas/telemetry.clean.avsc`).
+pub const CLEAN_SCHEMA: &str = include_str!("../../../schemas/telemetry.clean.avsc");
+
+static CLEAN: LazyLock<Result<Schema, String>> =
+    LazyLock::new(|| Schema::parse_str(CLEAN_SCHEMA).map_err(|e| e.to_string()));
+
+// Built once: resolving a schema costs more than encoding a sample. Values are built by
+// this module to match the schema field for field, so validation is skipped (the round-trip
+// tests below hold that promise).
+static CLEAN_WRITER: LazyLock<Result<GenericDatumWriter<'static>, String>> = LazyLock::new(|| {
+    let schema = CLEAN
+        .as_ref()
+        .map_err(|e| format!("clean schema does not parse: {e}"))?;
+    GenericDatumWriter::builder(schema)
+        .validate(false)
+        .build()
+        .map_err(|e| e.to_string())
+});
+
+/// A writer schema from the registry, with its reader built once.
+struct Entry {
+    reader: GenericDatumReader<'static>,
+}
+
+/// What the registry said about each schema id seen so far, shared between the runner
+/// (which fills it) and the stage (which reads it).
+#[derive(Clone, Default)]
+pub struct SchemaCache {
+    inner: Arc<RwLock<HashMap<u32, Option<Arc<Entry>>>>>,
+    outputs: Arc<RwLock<HashMap<String, u32>>>,
+}
+
+impl std::fmt::Debug for SchemaCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.inner.read().map(|m| m.len()).unwrap_or(0);
+        write!(f, "SchemaCache({n} ids)")
+    }
+}
+
+impl SchemaCache {
+    /// True if the registry has answered for `id`, either way.
+    pub fn knows(&self, id: u32) -> bool {
+        self.inner
+            .read()
+            .map(|m| m.contains_key(&id))
+            .unwrap_or(false)
+    }
+
+    /// Stores the writer schema of `id`. Schemas live as long as the process: the registry
+    /// never changes what an id means, and a fleet has few of them.
+    pub fn insert(&self, id: u32, schema_json: &str) -> Result<(), String> {
+        let schema = Schema::parse_str(schema_json)
+            .map_err(|e| format!("schema {id} does not parse: {e}"))?;
+        let schema: &'static Schema = Box::leak(Box::new(schema));
+        let reader = GenericDatumReader::builder(schema)
+            .build()
+            .map_err(|e| format!("schema {id} cannot be resolved: {e}"))?;
+        if let Ok(mut m) = self.inner.write() {
+            m.insert(id, Some(Arc::new(Entry { reader })));
+        }
+        Ok(())
+    }
+
+    /// Records that the registry does not know `id`.
+    pub fn insert_missing(&self, id: u32) {
+        if let Ok(mut m) = self.inner.write() {
+            m.insert(id, None);
+        }
+    }
+
+    /// Records the registry id of an output schema, by its schema key (e.g. `telemetry.clean`).
+    pub fn set_output_id(&self, key: &str, id: u32) {
+        if let Ok(mut m) = self.outputs.write() {
+            m.insert(key.to_string(), id);
+        }
+    }
+
+    /// The registry id of an output schema, once registered.
+    pub fn output_id(&self, key: &str) -> Option<u32> {
+        self.outputs.read().ok().and_then(|m| m.get(key).copied())
+    }
+
+    fn get(&self, id: u32) -> Option<Option<Arc<Entry>>> {
+        self.inner.read().ok().and_then(|m| m.get(&id).cloned())
+    }
+}
+
+/// Schema key of clean telemetry: the topic's base name, whatever prefix the topic has.
+pub const CLEAN_KEY: &str = "telemetry.clean";
+
+/// Confluent-framed Avro codec for telemetry.
+#[derive(Clone, Debug, Default)]
+pub struct AvroCodec {
+    /// Writer schemas by id and output schema ids, filled by the runner from the registry.
+    pub schemas: SchemaCache,
+}
+
+fn field<'v>(fields: &'v [(String, Value)], name: &str) -> Option<&'v Value> {
+    fields.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+}
+
+fn unwrap_union(v: &Value) -> &Value {
+    match v {
+        Value::Union(_, inner) => inner,
+        other => other,
+    }
+}
+
+fn string(fields: &[(String, Value)], name: &str) -> Result<String, DecodeError> {
+    match field(fields, name).map(unwrap_union) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Enum(_, s)) => Ok(s.clone()),
+        Some(other) => Err(DecodeError::WrongType(format!(
+            "{name}: expected string, got {other:?}"
+        ))),
+        None => Err(DecodeError::MissingField(format!("missing field `{name}`"))),
+    }
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Double(d) => Some(*d),
+        Value::Float(f) => Some(f64::from(*f)),
+        Value::Long(n) => Some(*n as f64),
+        Value::Int(n) => Some(f64::from(*n)),
+        _ => None,
+    }
+}
+
+fn to_sample(value: &Value) -> Result<TelemetrySample, DecodeError> {
+    let Value::Record(fields) = value else {
+        return Err(DecodeError::WrongType(format!(
+            "expected a record, got {value:?}"
+        )));
+    };
+    let value_field = field(fields, "value").map(unwrap_union);
+    let value = match value_field {
+        Some(v) => number(v).ok_or_else(|| {
+            DecodeError::WrongType(format!("value: expected a number, got {v:?}"))
+        })?,
+        None => return Err(DecodeError::MissingField("missing field `value`".into())),
+    };
+    let ts = match field(fields, "ts").map(unwrap_union) {
+        Some(Value::String(s)) => RawTimestamp::Text(s.clone()),
+        Some(Value::Long(n)) => RawTimestamp::Int(*n),
+        Some(Value::Int(n)) => RawTimestamp::Int(i64::from(*n)),
+        Some(Value::TimestampMillis(n)) => RawTimestamp::Int(*n),
+        Some(Value::Double(d)) => RawTimestamp::Float(*d),
+        Some(Value::Float(f)) => RawTimestamp::Float(f64::from(*f)),
+        Some(other) => {
+            return Err(DecodeError::WrongType(format!(
+                "ts: expected string or number, got {other:?}"
+            )))
+        }
+        None => return Err(DecodeError::MissingField("missing field `ts`".into())),
+    };
+    let unit = match field(fields, "unit").map(unwrap_union) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => {
+            return Err(DecodeError::WrongType(format!(
+                "unit: expected string, got {other:?}"
+            )))
+        }
+    };
+    let labels = match field(fields, "labels").map(unwrap_union) {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Map(m)) => m
+            .iter()
+            .map(|(k, v)| match unwrap_union(v) {
+                Value::String(s) => Ok((k.clone(), s.clone())),
+                other => Err(DecodeError::WrongType(format!(
+                    "labels.{k}: expected string, got {other:?}"
+                ))),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(DecodeError::WrongType(format!(
+                "labels: expected a map, got {other:?}"
+            )))
+        }
+    };
+    Ok(TelemetrySample {
+        service: string(fields, "service")?,
+        instance: string(fields, "instance")?,
+        metric: string(fields, "metric")?,
+        value,
+        unit,
+        ts,
+        labels,
+    })
+}
+
+impl AvroCodec {
+    /// Decodes a Confluent-framed raw sample with the writer schema named in its frame.
+    /// Any record schema carrying the contract's fields is accepted, so producers may evolve.
+    pub fn decode_sample(&self, payload: &[u8]) -> Result<TelemetrySample, DecodeError> {
+        let id = confluent_schema_id(payload).ok_or_else(|| DecodeError::Malformed {
+            format: "avro",
+            detail: format!(
+                "{} bytes is too short for the Confluent frame",
+                payload.len()
+            ),
+        })?;
+        let entry = match self.schemas.get(id) {
+            Some(Some(entry)) => entry,
+            // The runner asks the registry before processing; None means it said 404 (or, in
+            // a test without a registry, nobody asked).
+            Some(None) | None => return Err(DecodeError::UnknownSchemaId(id)),
+        };
+        let mut body = &payload[5..];
+        let value = entry
+            .reader
+            .read_value(&mut body)
+            .map_err(|e| DecodeError::Malformed {
+                format: "avro",
+                detail: e.to_string(),
+            })?;
+        if !body.is_empty() {
+            return Err(DecodeError::Malformed {
+                format: "avro",
+                detail: format!("{} trailing bytes after the datum", body.len()),
+            });
+        }
+        to_sample(&value)
+    }
+
+    /// Encodes a clean sample under the registered clean schema.
+    pub fn encode_clean(&self, s: &CleanSample) -> Result<Vec<u8>, EncodeError> {
+        let id = self
+            .schemas
+            .output_id(CLEAN_KEY)
+            .ok_or(EncodeError::NoCleanSchemaId)?;
+        let writer = CLEAN_WRITER
+            .as_ref()
+            .map_err(|e| EncodeError::Avro(e.clone()))?;
+        let value = Value::Record(vec![
+            ("service".into(), Value::String(s.service.clone())),
+            ("instance".into(), Value::String(s.instance.clone())),
+            ("metric".into(), Value::String(s.metric.clone())),
+            ("value".into(), Value::Double(s.value)),
+            (
+                "unit".into(),
+                match &s.unit {
+                    None => Value::Union(0, Box::new(Value::Null)),
+                    Some(u) => Value::Union(1, Box::new(Value::String(u.clone()))),
+                },
+            ),
+            ("ts".into(), Value::String(s.ts_rfc3339())),
+            (
+                "labels".into(),
+                Value::Map(
+                    s.labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                        .collect(),
+                ),
+            ),
+        ]);
+        let mut out = Vec::with_capacity(128);
+        out.push(CONFLUENT_MAGIC);
+        out.extend_from_slice(&id.to_be_bytes());
+        writer
+            .write_value_ref(&mut out, &value)
+            .map_err(|e| EncodeError::Avro(e.to_string()))?;
+        Ok(out)
+    }
+}
+
+/// Encodes a raw sample under `schema_id` with the raw schema: what producers (the demo
+/// generator, tests) send.
+pub fn encode_raw(sample: &TelemetrySample, schema_id: u32) -> Result<Vec<u8>, EncodeError> {
+    static RAW: LazyLock<Result<Schema, String>> =
+        LazyLock::new(|| Schema::parse_str(RAW_SCHEMA).map_err(|e| e.to_string()));
+    let schema = RAW
+        .as_ref()
+        .map_err(|e| EncodeError::Avro(format!("raw schema does not parse: {e}")))?;
+    let ts = match &sample.ts {
+        RawTimestamp::Text(s) => Value::Union(0, Box::new(Value::String(s.clone()))),
+        RawTimestamp::Int(n) => Value::Union(1, Box::new(Value::Long(*n))),
+        RawTimestamp::Float(f) => Value::Union(2, Box::new(Value::Double(*f))),
+    };
+    let value = Value::Record(vec![
+        ("service".into(), Value::String(sample.service.clone())),
+        ("instance".into(), Value::String(sample.instance.clone())),
+        ("metric".into(), Value::String(sample.metric.clone())),
+        ("value".into(), Value::Double(sample.value)),
+        (
+            "unit".into(),
+            match &sample.unit {
+                None => Value::Union(0, Box::new(Value::Null)),
+                Some(u) => Value::Union(1, Box::new(Value::String(u.clone()))),
+            },
+        ),
+        ("ts".into(), ts),
+        (
+            "labels".into(),
+            Value::Map(
+                sample
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect(),
+            ),
+        ),
+    ]);
+    let mut out = vec![CONFLUENT_MAGIC];
+    out.extend_from_slice(&schema_id.to_be_bytes());
+    let writer = GenericDatumWriter::builder(schema)
+        .build()
+        .map_err(|e| EncodeError::Avro(e.to_string()))?;
+    writer
+        .write_value_ref(&mut out, &value)
+        .map_err(|e| EncodeError::Avro(e.to_string()))?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codec() -> AvroCodec {
+        let codec = AvroCodec::default();
+        codec.schemas.set_output_id(CLEAN_KEY, 2);
+        if let Err(e) = codec.schemas.insert(1, RAW_SCHEMA) {
+            panic!("{e}");
+        }
+        if let Err(e) = codec.schemas.insert(2, CLEAN_SCHEMA) {
+            panic!("{e}");
+        }
+        codec
+    }
+
+    fn raw() -> TelemetrySample {
+        TelemetrySample {
+            service: "api".into(),
+            instance: "i-1".into(),
+            metric: "cpu".into(),
+            value: 0.5,
+            unit: Some("ratio".into()),
+            ts: RawTimestamp::Int(1_700_000_000_000),
+            labels: BTreeMap::from([("user_id".into(), "42".into())]),
+        }
+    }
+
+    #[test]
+    fn raw_avro_round_trips_through_the_cached_writer_schema() {
+        let codec = codec();
+        let bytes = encode_raw(&raw(), 1).unwrap_or_default();
+        assert_eq!(&bytes[..5], &[0, 0, 0, 0, 1]);
+        assert_eq!(codec.decode_sample(&bytes), Ok(raw()));
+    }
+
+    #[test]
+    fn unknown_ids_truncation_and_trailing_bytes_are_classified() {
+        let codec = codec();
+        let mut bytes = encode_raw(&raw(), 9).unwrap_or_default();
+        assert_eq!(
+            codec.decode_sample(&bytes).map_err(|e| e.reason()),
+            Err("unknown_schema_id")
+        );
+        bytes[4] = 1;
+        let cut = &bytes[..bytes.len() - 3];
+        assert_eq!(
+            codec.decode_sample(cut).map_err(|e| e.reason()),
+            Err("malformed")
+        );
+        let mut long = bytes.clone();
+        long.push(7);
+        assert_eq!(
+            codec.decode_sample(&long).map_err(|e| e.reason()),
+            Err("malformed")
+        );
+        assert_eq!(
+            codec.decode_sample(&[0, 0, 1]).map_err(|e| e.reason()),
+            Err("malformed")
+        );
+    }
+
+    #[test]
+    fn clean_avro_is_readable_with_the_clean_schema() {
+        let codec = codec();
+        let clean = CleanSample {
+            service: "api".into(),
+            instance: "abc".into(),
+            metric: "cpu".into(),
+            value: 0.5,
+            unit: None,
+            ts: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
+            labels: BTreeMap::new(),
+        };
+        let bytes = match codec.encode_clean(&clean) {
+            Ok(b) => b,
+            Err(e) => panic!("{e}"),
+        };
+        let entry = codec.schemas.get(2).flatten();
+        let Some(entry) = entry else {
+            panic!("clean schema cached")
+        };
+        let value = entry
+            .reader
+            .read_value(&mut &bytes[5..])
+            .unwrap_or(Value::Null);
+        let Value::Record(fields) = value else {
+            panic!("record")
+        };
+        assert_eq!(
+            field(&fields, "ts"),
+            Some(&Value::String("2023-11-14T22:13:20Z".into()))
+        );
+    }
+
+    #[test]
+    fn encoding_clean_without_a_registered_schema_says_why() {
+        let codec = AvroCodec::default();
+        let err = codec.encode_clean(&CleanSample {
+            service: "a".into(),
+            instance: "b".into(),
+            metric: "c".into(),
+            value: 1.0,
+            unit: None,
+            ts: chrono::DateTime::UNIX_EPOCH,
+            labels: BTreeMap::new(),
+        });
+        assert!(matches!(err, Err(EncodeError::NoCleanSchemaId)));
+    }
+}

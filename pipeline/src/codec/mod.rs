@@ -1,0 +1,145 @@
+//! Wire formats: JSON and Avro in the Confluent wire format (magic byte 0, 4-byte schema id).
+//!
+//! Both decode to the same [`TelemetrySample`] and encode the same [`CleanSample`]; a record's
+//! format is told from its first byte, so one topic may carry both and each record leaves in
+//! the format it came in.
+
+pub mod avro;
+pub mod json;
+pub mod registry;
+
+use crate::record::{CleanSample, TelemetrySample};
+
+pub use avro::{AvroCodec, SchemaCache};
+
+/// The Confluent wire format's magic byte.
+pub const CONFLUENT_MAGIC: u8 = 0;
+
+/// A payload's format, told from its first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// UTF-8 JSON object.
+    Json,
+    /// Confluent-framed Avro datum.
+    Avro,
+}
+
+impl Format {
+    /// Detects the format: magic byte 0 means Confluent Avro; `{` (after optional white space
+    /// or a UTF-8 BOM) means JSON; anything else is neither.
+    pub fn detect(payload: &[u8]) -> Option<Format> {
+        match payload.first()? {
+            &CONFLUENT_MAGIC => Some(Format::Avro),
+            _ => {
+                let trimmed = payload.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(payload);
+                let first = trimmed.iter().find(|b| !b.is_ascii_whitespace())?;
+                (*first == b'{').then_some(Format::Json)
+            }
+        }
+    }
+}
+
+/// The schema id of a Confluent-framed payload, if it is one.
+pub fn confluent_schema_id(payload: &[u8]) -> Option<u32> {
+    match payload {
+        [CONFLUENT_MAGIC, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}
+
+/// Why a payload could not be decoded. Each kind maps to a stable dead-letter reason.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    /// Not parseable at all: truncated, bad syntax, nested too deep, bad Avro bytes.
+    #[error("malformed {format}: {detail}")]
+    Malformed {
+        /// `json` or `avro`.
+        format: &'static str,
+        /// The parser's message.
+        detail: String,
+    },
+    /// A required field is absent.
+    #[error("missing field: {0}")]
+    MissingField(String),
+    /// A field has the wrong type.
+    #[error("wrong type: {0}")]
+    WrongType(String),
+    /// Avro framing names a schema id the registry does not know.
+    #[error("unknown schema id {0}")]
+    UnknownSchemaId(u32),
+    /// Neither JSON nor Confluent Avro.
+    #[error(
+        "unknown format (first byte 0x{0:02x}): expected a JSON object or Confluent-framed Avro"
+    )]
+    UnknownFormat(u8),
+}
+
+impl DecodeError {
+    /// The dead-letter reason for this error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Malformed { .. } => "malformed",
+            DecodeError::MissingField(_) => "missing_field",
+            DecodeError::WrongType(_) => "wrong_type",
+            DecodeError::UnknownSchemaId(_) => "unknown_schema_id",
+            DecodeError::UnknownFormat(_) => "unknown_format",
+        }
+    }
+}
+
+/// Why a clean sample could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// JSON serialisation failed.
+    #[error("json encode: {0}")]
+    Json(#[from] serde_json::Error),
+    /// Avro serialisation failed.
+    #[error("avro encode: {0}")]
+    Avro(String),
+    /// The clean schema has no registry id yet (no registry configured or not reachable).
+    #[error("the clean telemetry schema has no registry id: is [registry] url set and reachable?")]
+    NoCleanSchemaId,
+}
+
+/// Decodes a raw telemetry payload in whichever format it is in.
+pub fn decode_sample(
+    payload: &[u8],
+    avro: &AvroCodec,
+) -> Result<(Format, TelemetrySample), DecodeError> {
+    match Format::detect(payload) {
+        Some(Format::Json) => json::decode_sample(payload).map(|s| (Format::Json, s)),
+        Some(Format::Avro) => avro.decode_sample(payload).map(|s| (Format::Avro, s)),
+        None => Err(DecodeError::UnknownFormat(
+            payload.first().copied().unwrap_or(0),
+        )),
+    }
+}
+
+/// Encodes a clean sample in `format`.
+pub fn encode_clean(
+    sample: &CleanSample,
+    format: Format,
+    avro: &AvroCodec,
+) -> Result<Vec<u8>, EncodeError> {
+    match format {
+        Format::Json => json::encode_clean(sample),
+        Format::Avro => avro.encode_clean(sample),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_format_from_the_first_byte() {
+        assert_eq!(Format::detect(b"{\"a\":1}"), Some(Format::Json));
+        assert_eq!(Format::detect(b"  \n{}"), Some(Format::Json));
+        assert_eq!(Format::detect(b"\xEF\xBB\xBF{}"), Some(Format::Json));
+        assert_eq!(Format::detect(&[0, 0, 0, 0, 7, 2]), Some(Format::Avro));
+        assert_eq!(Format::detect(b"[1,2]"), None);
+        assert_eq!(Format::detect(b""), None);
+        assert_eq!(confluent_schema_id(&[0, 0, 0, 1, 2, 9]), Some(258));
+        assert_eq!(confluent_schema_id(&[0, 0, 1]), None);
+    }
+}

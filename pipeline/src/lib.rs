@@ -1,0 +1,16 @@
+//! ebb: forecast-driven autoscaling and anomaly detection as a staged Kafka pipeline.
+//!
+//! Telemetry flows `telemetry.raw` → **filter** → `telemetry.clean` → window → models →
+//! decide → actuators. Each stage is a plain value implementing [`stage::Stage`]; the
+//! [`runner`] wires any stage to Kafka, and `ebb demo` and replay drive the same values.
+
+pub mod clock;
+pub mod codec;
+pub mod config;
+pub mod demo;
+pub mod glob;
+pub mod metrics;
+pub mod record;
+pub mod runner;
+pub mod stage;
+pub mod stages;

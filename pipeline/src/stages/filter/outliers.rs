@@ -1,0 +1,308 @@
+//! The Hampel test per (service, metric): a rolling median and MAD over the last `window`
+//! samples, with state bounded per series and in the number of series.
+//!
+//! Every finite sample enters the window, flagged or not, so a real level shift becomes
+//! the new normal within half a window; and a second flag in the same direction in a row is
+//! read as that shift starting, not as another glitch, and passes. An isolated glitch is
+//! dropped; a sustained change loses at most its first sample.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+
+use ebb_udf_core::robust::MAD_TO_SIGMA;
+
+use super::config::OutlierConfig;
+
+/// Scales the mean absolute deviation to sigma for normal data (sqrt(pi/2)).
+const MEAN_AD_TO_SIGMA: f64 = 1.2533;
+
+/// What the test says of one sample.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Verdict {
+    /// Not tested, too little history, or within bounds.
+    Accept,
+    /// Beyond the threshold.
+    Outlier {
+        /// Robust z-score.
+        z: f64,
+        /// Window median before this sample.
+        median: f64,
+        /// Window spread (sigma estimate) before this sample.
+        sigma: f64,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Series {
+    order: VecDeque<f64>,
+    sorted: Vec<f64>,
+    /// Direction of the previous sample's flag: -1, 0 or 1.
+    last_flag: i8,
+    last_seen: u64,
+}
+
+impl Series {
+    fn new(window: usize) -> Self {
+        Self {
+            order: VecDeque::with_capacity(window),
+            sorted: Vec::with_capacity(window),
+            last_flag: 0,
+            last_seen: 0,
+        }
+    }
+
+    fn push(&mut self, x: f64, window: usize) {
+        if self.order.len() == window {
+            if let Some(old) = self.order.pop_front() {
+                let at = self.sorted.partition_point(|v| *v < old);
+                if at < self.sorted.len() {
+                    self.sorted.remove(at);
+                }
+            }
+        }
+        self.order.push_back(x);
+        let at = self.sorted.partition_point(|v| *v < x);
+        self.sorted.insert(at, x);
+    }
+
+    fn median(&self) -> f64 {
+        median_of_sorted(&self.sorted)
+    }
+
+    /// Sigma estimate: 1.4826 * MAD, or 1.2533 * mean absolute deviation when more than half
+    /// the window sits on the median (MAD is then zero); `None` for a constant window.
+    fn sigma(&self, median: f64, scratch: &mut Vec<f64>) -> Option<f64> {
+        scratch.clear();
+        scratch.extend(self.sorted.iter().map(|v| (v - median).abs()));
+        scratch.sort_unstable_by(f64::total_cmp);
+        let mad = median_of_sorted(scratch);
+        if mad > 0.0 {
+            return Some(MAD_TO_SIGMA * mad);
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let mean_ad = scratch.iter().sum::<f64>() / scratch.len() as f64;
+        (mean_ad > 0.0).then_some(MEAN_AD_TO_SIGMA * mean_ad)
+    }
+}
+
+fn median_of_sorted(v: &[f64]) -> f64 {
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Hampel state for every series this instance sees.
+#[derive(Debug)]
+pub struct OutlierDetector {
+    config: OutlierConfig,
+    series: HashMap<u64, Series>,
+    applies: HashMap<String, bool>,
+    tick: u64,
+    evicted: u64,
+    scratch: Vec<f64>,
+}
+
+fn series_key(service: &str, metric: &str) -> u64 {
+    // SipHash with fixed keys: deterministic across runs, so replays see the same state.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    service.hash(&mut h);
+    metric.hash(&mut h);
+    h.finish()
+}
+
+impl OutlierDetector {
+    /// A detector with no history.
+    pub fn new(config: OutlierConfig) -> Self {
+        Self {
+            config,
+            series: HashMap::new(),
+            applies: HashMap::new(),
+            tick: 0,
+            evicted: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Number of series tracked.
+    pub fn series_count(&self) -> usize {
+        self.series.len()
+    }
+
+    /// Series forgotten so far to stay within `max_series`.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    fn applies_to(&mut self, metric: &str) -> bool {
+        if let Some(hit) = self.applies.get(metric) {
+            return *hit;
+        }
+        let hit = self.config.applies_to(metric);
+        // Metric names are few; the cap only guards against a producer minting endless names.
+        if self.applies.len() >= 65_536 {
+            self.applies.clear();
+        }
+        self.applies.insert(metric.to_string(), hit);
+        hit
+    }
+
+    /// Tests `value` (finite) against its series and then adds it to the series.
+    pub fn check(&mut self, service: &str, metric: &str, value: f64) -> Verdict {
+        if !self.config.enabled || !value.is_finite() || !self.applies_to(metric) {
+            return Verdict::Accept;
+        }
+        self.tick += 1;
+        let window = self.config.window;
+        let key = series_key(service, metric);
+        if !self.series.contains_key(&key) && self.series.len() >= self.config.max_series {
+            self.evict();
+        }
+        let series = self
+            .series
+            .entry(key)
+            .or_insert_with(|| Series::new(window));
+        series.last_seen = self.tick;
+        let mut verdict = Verdict::Accept;
+        if series.order.len() >= self.config.min_samples {
+            let median = series.median();
+            if let Some(spread) = series.sigma(median, &mut self.scratch) {
+                let sigma = spread.max(self.config.relative_floor * median.abs());
+                let z = (value - median) / sigma;
+                if z.abs() > self.config.threshold {
+                    let direction: i8 = if z > 0.0 { 1 } else { -1 };
+                    if series.last_flag != direction {
+                        verdict = Verdict::Outlier { z, median, sigma };
+                    }
+                    series.last_flag = direction;
+                } else {
+                    series.last_flag = 0;
+                }
+            }
+        }
+        series.push(value, window);
+        verdict
+    }
+
+    /// Forgets the least recently seen tenth of the series.
+    fn evict(&mut self) {
+        let mut seen: Vec<(u64, u64)> =
+            self.series.iter().map(|(k, s)| (s.last_seen, *k)).collect();
+        seen.sort_unstable();
+        let n = (self.series.len() / 10).max(1);
+        for (_, key) in seen.into_iter().take(n) {
+            self.series.remove(&key);
+            self.evicted += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn detector() -> OutlierDetector {
+        OutlierDetector::new(OutlierConfig::default())
+    }
+
+    fn is_outlier(v: Verdict) -> bool {
+        matches!(v, Verdict::Outlier { .. })
+    }
+
+    #[test]
+    fn isolated_spike_is_an_outlier_and_noise_is_not() {
+        let mut d = detector();
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut flagged = 0;
+        for _ in 0..2_000 {
+            let v = 50.0 + rng.random_range(-5.0..5.0);
+            if is_outlier(d.check("api", "cpu", v)) {
+                flagged += 1;
+            }
+        }
+        assert_eq!(flagged, 0, "uniform noise never exceeds 6 robust sigmas");
+        assert!(is_outlier(d.check("api", "cpu", 5_000.0)));
+        assert!(!is_outlier(d.check("api", "cpu", 51.0)));
+    }
+
+    #[test]
+    fn level_shift_loses_only_its_first_sample() {
+        let mut d = detector();
+        for i in 0..40 {
+            d.check("api", "latency_ms", 100.0 + f64::from(i % 5));
+        }
+        assert!(is_outlier(d.check("api", "latency_ms", 900.0)));
+        for _ in 0..30 {
+            assert!(!is_outlier(d.check("api", "latency_ms", 900.0)));
+        }
+    }
+
+    #[test]
+    fn no_verdict_before_min_samples_or_on_a_constant_series() {
+        let mut d = detector();
+        for _ in 0..7 {
+            assert!(!is_outlier(d.check("api", "mem", 1.0)));
+        }
+        assert!(
+            !is_outlier(d.check("api", "mem", 1e9)),
+            "7 samples of history is too few"
+        );
+        let mut c = detector();
+        for _ in 0..50 {
+            c.check("api", "mem", 0.0);
+        }
+        assert!(
+            !is_outlier(c.check("api", "mem", 3.0)),
+            "a constant window has no spread to judge by"
+        );
+    }
+
+    #[test]
+    fn excluded_metrics_and_separate_series_are_independent() {
+        let mut d = detector();
+        for _ in 0..50 {
+            d.check("api", "http_errors", 0.0);
+            d.check("api", "cpu", 10.0 + rand::random::<f64>());
+        }
+        assert!(!is_outlier(d.check("api", "http_errors", 500.0)));
+        assert!(
+            !is_outlier(d.check("db", "cpu", 900.0)),
+            "db has no history of its own"
+        );
+        assert!(is_outlier(d.check("api", "cpu", 900.0)));
+    }
+
+    #[test]
+    fn series_count_stays_within_its_bound() {
+        let mut d = OutlierDetector::new(OutlierConfig {
+            max_series: 100,
+            ..OutlierConfig::default()
+        });
+        for i in 0..1_000 {
+            d.check(&format!("svc-{i}"), "cpu", 1.0);
+        }
+        assert!(d.series_count() <= 100);
+        assert!(d.evicted() >= 900);
+    }
+
+    #[test]
+    fn rolling_window_keeps_sorted_copy_in_step() {
+        let mut s = Series::new(4);
+        for v in [5.0, 1.0, 3.0, 2.0, 4.0, 0.0] {
+            s.push(v, 4);
+        }
+        assert_eq!(
+            s.order.iter().copied().collect::<Vec<_>>(),
+            vec![3.0, 2.0, 4.0, 0.0]
+        );
+        assert_eq!(s.sorted, vec![0.0, 2.0, 3.0, 4.0]);
+        assert_eq!(s.median(), 2.5);
+    }
+}

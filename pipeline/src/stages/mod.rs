@@ -1,0 +1,3 @@
+//! The pipeline's stages, one module each. A stage knows nothing of Kafka.
+
+pub mod filter;
