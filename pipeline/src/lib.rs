@@ -4,6 +4,7 @@
 //! decide → actuators. Each stage is a plain value implementing [`stage::Stage`]; the
 //! [`runner`] wires any stage to Kafka, and `ebb demo` and replay drive the same values.
 
+pub mod bench;
 pub mod clock;
 pub mod codec;
 pub mod config;
@@ -12,5 +13,8 @@ pub mod glob;
 pub mod metrics;
 pub mod record;
 pub mod runner;
+pub mod schemas;
 pub mod stage;
 pub mod stages;
+pub mod topics;
+pub mod wiring;

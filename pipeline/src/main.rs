@@ -1,1 +1,484 @@
-fn main() {}
+//! The `ebb` command.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing::{error, info};
+
+use ebb::clock::{Clock, SystemClock};
+use ebb::config::Config;
+use ebb::demo::generator::{Generator, WireFormat};
+use ebb::demo::{self, Pace, ProduceCounts, ProduceJob};
+use ebb::metrics::Metrics;
+use ebb::{bench, runner, schemas, topics, wiring};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ebb",
+    version,
+    about = "Forecast-driven autoscaling and anomaly detection on Kafka"
+)]
+struct Cli {
+    /// Config file (TOML); also EBB_CONFIG. Without one, built-in defaults.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers (overrides config and EBB_BROKERS).
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    brokers: Option<String>,
+    /// Schema registry URL (overrides config and EBB_REGISTRY_URL).
+    #[arg(long, global = true, value_name = "URL")]
+    registry: Option<String>,
+    /// Log filter, e.g. `info`, `ebb=debug` (also RUST_LOG).
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the pipeline in one process on an in-process mock Kafka, with synthetic telemetry.
+    Demo {
+        /// Stop after this long (e.g. 20s, 5m); without it, run until Ctrl-C.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Print the final figures as one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+        /// HTTP listen address (metrics).
+        #[arg(long, value_name = "ADDR:PORT")]
+        http: Option<String>,
+    },
+    /// Run a stage (or all) against a Kafka cluster until SIGTERM/SIGINT.
+    Run {
+        /// Which stage.
+        stage: StageName,
+        /// HTTP listen address (metrics).
+        #[arg(long, value_name = "ADDR:PORT")]
+        http: Option<String>,
+    },
+    /// Send synthetic telemetry to a cluster.
+    Produce {
+        /// Use the built-in synthetic fleet (the only source for now).
+        #[arg(long)]
+        synthetic: bool,
+        /// Stop after this many records.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this long.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Wire format; avro registers the raw schema with the registry first.
+        #[arg(long, value_enum, default_value_t = FormatArg::Json)]
+        format: FormatArg,
+        /// Send as fast as possible with event times `interval` apart (a backfill), instead
+        /// of one round per interval of wall time.
+        #[arg(long)]
+        fast: bool,
+    },
+    /// Topics as code.
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Avro schemas of every topic.
+    Schemas {
+        #[command(subcommand)]
+        action: SchemasAction,
+    },
+    /// Configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Benchmarks that print figures.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum StageName {
+    /// The filter stage.
+    Filter,
+    /// Every stage built so far, in one process.
+    All,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum FormatArg {
+    Json,
+    Avro,
+}
+
+#[derive(Subcommand, Debug)]
+enum TopicsAction {
+    /// Create or update the declared topics; print what changed.
+    Apply {
+        /// Print the plan only.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the declared topics.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum SchemasAction {
+    /// Check compatibility and register every topic's value schema.
+    Register,
+    /// Print the subjects and schemas.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigAction {
+    /// Validate the configuration and print it (secrets redacted).
+    Check,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchWhat {
+    /// Filter throughput in-process (JSON, Avro) and through a broker vs raw consume.
+    Filter {
+        /// Records per measurement.
+        #[arg(long, default_value_t = 200_000)]
+        records: u64,
+    },
+}
+
+fn load_config(cli: &Cli) -> Result<Config> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let mut config = Config::load(cli.config.as_deref(), &env)?;
+    if let Some(b) = &cli.brokers {
+        config.set_brokers(b);
+    }
+    if let Some(r) = &cli.registry {
+        config.registry.url = Some(r.clone());
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ebb: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ebb: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<()> {
+    let mut config = load_config(&cli)?;
+    match cli.command {
+        Command::Demo {
+            duration,
+            json,
+            http,
+        } => {
+            if let Some(h) = http {
+                config.http.listen = h;
+                config.validate()?;
+            }
+            let mut stderr = std::io::stderr();
+            let report = demo::run(config, duration, shutdown_signal(), &mut stderr).await?;
+            let mut stdout = std::io::stdout();
+            if json {
+                writeln!(stdout, "{}", serde_json::to_string(&report)?)?;
+            } else {
+                writeln!(
+                    stdout,
+                    "filter: {} in, {} out, {} dead-lettered",
+                    report.records_in,
+                    report.out,
+                    report.dead_lettered.values().sum::<u64>()
+                )?;
+                for (reason, n) in &report.dead_lettered {
+                    writeln!(stdout, "  {reason:<20} {n}")?;
+                }
+            }
+            Ok(())
+        }
+        Command::Run { stage, http } => {
+            if let Some(h) = http {
+                config.http.listen = h;
+                config.validate()?;
+            }
+            match stage {
+                StageName::Filter | StageName::All => run_filter(config).await,
+            }
+        }
+        Command::Produce {
+            synthetic,
+            count,
+            duration,
+            format,
+            fast,
+        } => {
+            if !synthetic {
+                bail!("only --synthetic is supported: say `ebb produce --synthetic`");
+            }
+            produce(config, count, duration, format, fast).await
+        }
+        Command::Topics { action } => {
+            let specs = topics::declared(&config)?;
+            match action {
+                TopicsAction::List => {
+                    for s in &specs {
+                        println!(
+                            "{:<32} partitions {:>2}  replication {}  {}",
+                            s.name,
+                            s.partitions,
+                            s.replication,
+                            s.doc.as_deref().unwrap_or("")
+                        );
+                    }
+                    Ok(())
+                }
+                TopicsAction::Apply { dry_run } => {
+                    let report = topics::apply(&config.kafka, &specs, dry_run)
+                        .await
+                        .with_context(|| format!("applying topics on {}", config.brokers()))?;
+                    for (topic, changes) in report {
+                        for c in changes {
+                            println!("{topic:<32} {c}");
+                        }
+                    }
+                    Ok(())
+                }
+            }
+        }
+        Command::Schemas { action } => {
+            let list = schemas::topic_schemas(&config.topics);
+            match action {
+                SchemasAction::List => {
+                    for s in &list {
+                        println!("{}\n{}", s.subject(), s.schema);
+                    }
+                    Ok(())
+                }
+                SchemasAction::Register => {
+                    let Some(registry) = wiring::registry(&config)? else {
+                        bail!("no schema registry: pass --registry URL or set registry.url / EBB_REGISTRY_URL");
+                    };
+                    for r in schemas::register_all(&registry, &list).await? {
+                        println!("{:<40} id {:>4}  {}", r.subject, r.id, r.compatibility);
+                    }
+                    Ok(())
+                }
+            }
+        }
+        Command::Config {
+            action: ConfigAction::Check,
+        } => {
+            println!("{config:#?}");
+            println!("config ok");
+            Ok(())
+        }
+        Command::Bench {
+            what: BenchWhat::Filter { records },
+        } => {
+            let figures =
+                tokio::task::spawn_blocking(move || bench::filter(records, cli.brokers.as_deref()))
+                    .await??;
+            println!("filter benchmark, {} records, one core", figures.records);
+            println!(
+                "  in-process JSON  decode+filter+encode  {:>12.0} records/s",
+                figures.json_records_per_s
+            );
+            println!(
+                "  in-process Avro  decode+filter+encode  {:>12.0} records/s",
+                figures.avro_records_per_s
+            );
+            println!("  broker: {}", figures.broker);
+            println!(
+                "  raw rdkafka consume                    {:>12.0} records/s",
+                figures.raw_consume_records_per_s
+            );
+            println!(
+                "  filter stage through the runner        {:>12.0} records/s",
+                figures.filter_records_per_s
+            );
+            println!(
+                "  filter / raw consume                   {:>12.3}",
+                figures.ratio
+            );
+            println!("{}", serde_json::to_string(&figures)?);
+            Ok(())
+        }
+    }
+}
+
+async fn run_filter(config: Config) -> Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let http_stop = Arc::new(tokio::sync::Notify::new());
+    if let Some(listener) = wiring::bind_http(&config).await.with_context(|| {
+        format!(
+            "http.listen {}: cannot listen (use --http ADDR:PORT)",
+            config.http.listen
+        )
+    })? {
+        let router = ebb::metrics::router(metrics.clone());
+        let notify = http_stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                ebb::metrics::serve_on(listener, router, async move { notify.notified().await })
+                    .await
+            {
+                error!(error = %e, "http endpoint stopped");
+            }
+        });
+    }
+    let key = wiring::anonymization_key(&config, rand::random);
+    let (stage, ctx) = wiring::filter(
+        &config,
+        &key,
+        metrics,
+        clock,
+        shutdown.clone(),
+        tokio::runtime::Handle::current(),
+    )?;
+    let worker = std::thread::Builder::new()
+        .name("filter".into())
+        .spawn(move || runner::run(stage, ctx))?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let waiter = tokio::task::spawn_blocking(move || {
+        let r = worker.join();
+        let _ = done_tx.send(());
+        r
+    });
+    tokio::select! {
+        () = shutdown_signal() => info!("stopping: finishing the batch in flight and committing"),
+        _ = done_rx => {},
+    }
+    shutdown.store(true, Ordering::Relaxed);
+    let result = waiter
+        .await?
+        .map_err(|_| anyhow::anyhow!("the filter thread panicked"))?;
+    http_stop.notify_waiters();
+    let summary = result?;
+    info!(
+        consumed = summary.consumed,
+        emitted = summary.emitted,
+        dead_lettered = summary.dead_lettered,
+        "filter stopped"
+    );
+    Ok(())
+}
+
+async fn produce(
+    config: Config,
+    count: Option<u64>,
+    duration: Option<Duration>,
+    format: FormatArg,
+    fast: bool,
+) -> Result<()> {
+    let wire = match format {
+        FormatArg::Json => WireFormat::Json,
+        FormatArg::Avro => {
+            let Some(registry) = wiring::registry(&config)? else {
+                bail!("--format avro needs a schema registry: pass --registry URL or set EBB_REGISTRY_URL");
+            };
+            let raw = schemas::topic_schemas(&config.topics)
+                .into_iter()
+                .next()
+                .context("raw schema")?;
+            WireFormat::Avro(
+                registry
+                    .register(&raw.subject(), raw.schema)
+                    .await
+                    .context("registering the raw schema")?,
+            )
+        }
+    };
+    let job = ProduceJob {
+        kafka: config.kafka.clone(),
+        topic: config.topics.name(&config.topics.raw),
+        pace: if fast {
+            Pace::Fast(config.demo.interval)
+        } else {
+            Pace::RealTime(config.demo.interval)
+        },
+        max_records: count,
+    };
+    let generator = Generator::new(config.demo.generator(), wire);
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Arc::new(ProduceCounts::default());
+    let worker = {
+        let (stop, counts) = (stop.clone(), counts.clone());
+        tokio::task::spawn_blocking(move || {
+            demo::produce(&job, generator, &SystemClock, &stop, &counts)
+        })
+    };
+    let limit = async {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(worker);
+    tokio::select! {
+        r = &mut worker => { r??; }
+        () = limit => { stop.store(true, Ordering::Relaxed); worker.await??; }
+        () = shutdown_signal() => { stop.store(true, Ordering::Relaxed); worker.await??; }
+    }
+    let injected = counts
+        .injected
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_default();
+    println!(
+        "{}",
+        serde_json::json!({ "produced": counts.produced.load(Ordering::Relaxed), "injected": injected })
+    );
+    Ok(())
+}

@@ -1,26 +1,400 @@
-//! `ebb demo`: the whole pipeline in one process on librdkafka's mock cluster.
+//! `ebb demo`: the pipeline in one process on librdkafka's in-process mock cluster, fed by
+//! the synthetic generator; and `ebb produce --synthetic`, the same generator aimed at any
+//! broker.
 
-use serde::Deserialize;
+pub mod generator;
 
-use crate::config::ConfigError;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-/// `[demo]`.
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::runner::{self, client_config, set_default, RunnerError};
+use crate::topics;
+use crate::wiring;
+use generator::{Generator, GeneratorConfig, Kind, WireFormat};
+
+/// `[demo]`: the synthetic fleet of `ebb demo` and `ebb produce --synthetic`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DemoConfig {
     /// Seed of the synthetic telemetry. Default 42.
     pub seed: u64,
+    /// Services in the fleet. Default 6.
+    pub services: usize,
+    /// Instances per service. Default 3.
+    pub instances: usize,
+    /// Time between two samples of one metric. Default 250 ms (the demo runs a busy fleet).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Fraction of records replaced by bad ones, to show the dead-letter path. Default 0.01.
+    pub fault_rate: f64,
+    /// Load ramp, faulty instance and bursts. Default on.
+    pub incidents: bool,
 }
 
 impl Default for DemoConfig {
     fn default() -> Self {
-        Self { seed: 42 }
+        Self {
+            seed: 42,
+            services: 6,
+            instances: 3,
+            interval: Duration::from_millis(250),
+            fault_rate: 0.01,
+            incidents: true,
+        }
     }
 }
 
 impl DemoConfig {
     /// Checks values serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| {
+            Err(ConfigError::Invalid {
+                key: format!("demo.{key}"),
+                why: why.into(),
+            })
+        };
+        if self.services == 0 || self.services > 10_000 {
+            return bad("services", "must be between 1 and 10000");
+        }
+        if self.instances == 0 || self.instances > 1_000 {
+            return bad("instances", "must be between 1 and 1000");
+        }
+        if self.interval < Duration::from_millis(1) {
+            return bad("interval", "must be at least 1ms");
+        }
+        if !(0.0..=1.0).contains(&self.fault_rate) {
+            return bad("fault_rate", "must be between 0 and 1");
+        }
         Ok(())
     }
+
+    /// The generator settings these describe.
+    pub fn generator(&self) -> GeneratorConfig {
+        GeneratorConfig {
+            services: self.services,
+            instances: self.instances,
+            fault_rate: self.fault_rate,
+            seed: self.seed,
+            incidents: self.incidents,
+        }
+    }
+}
+
+/// Demo errors.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The mock cluster or a client could not start.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// A topics declaration problem.
+    #[error(transparent)]
+    Topics(#[from] topics::TopicsError),
+    /// The runner failed.
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
+    /// Registry settings.
+    #[error(transparent)]
+    Registry(#[from] crate::codec::registry::RegistryError),
+    /// A thread panicked.
+    #[error("a pipeline thread panicked")]
+    Panicked,
+}
+
+/// The demo's final figures; the last line of `ebb demo --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DemoReport {
+    /// Records the filter consumed.
+    #[serde(rename = "in")]
+    pub records_in: u64,
+    /// Clean records the filter emitted.
+    pub out: u64,
+    /// Dead letters by reason.
+    pub dead_lettered: BTreeMap<String, u64>,
+    /// Records the generator produced.
+    pub produced: u64,
+    /// Bad records the generator injected, by the reason the filter should give.
+    pub injected: BTreeMap<String, u64>,
+    /// Wall time the demo ran.
+    pub duration_s: f64,
+}
+
+/// Counts kept by a synthetic producer.
+#[derive(Debug, Default)]
+pub struct ProduceCounts {
+    /// Records acknowledged by the broker.
+    pub produced: AtomicU64,
+    /// Injected faults by expected reason.
+    pub injected: Mutex<BTreeMap<String, u64>>,
+}
+
+/// How `produce` paces itself.
+#[derive(Debug, Clone, Copy)]
+pub enum Pace {
+    /// One tick per interval of wall time, stamped with the wall clock.
+    RealTime(Duration),
+    /// As fast as possible, stamped `interval` apart starting now (a backfill).
+    Fast(Duration),
+}
+
+/// Where and how fast synthetic telemetry goes.
+#[derive(Debug, Clone)]
+pub struct ProduceJob {
+    /// librdkafka properties.
+    pub kafka: BTreeMap<String, String>,
+    /// Target topic.
+    pub topic: String,
+    /// Pacing.
+    pub pace: Pace,
+    /// Stop after this many records.
+    pub max_records: Option<u64>,
+}
+
+/// Produces synthetic telemetry until `stop` is set or the job's record limit is reached.
+pub fn produce(
+    job: &ProduceJob,
+    mut generator: Generator,
+    clock: &dyn Clock,
+    stop: &AtomicBool,
+    counts: &ProduceCounts,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let (topic, pace, max_records) = (job.topic.as_str(), job.pace, job.max_records);
+    let mut pc = client_config(&job.kafka);
+    set_default(&mut pc, "linger.ms", "5");
+    set_default(&mut pc, "message.max.bytes", "10485760");
+    let producer: BaseProducer<DefaultProducerContext> = pc.create()?;
+    let mut sent = 0u64;
+    let mut next = Instant::now();
+    let start = clock.now();
+    let mut tick = 0i64;
+    'outer: while !stop.load(Ordering::Relaxed) {
+        let at = match pace {
+            Pace::RealTime(_) => clock.now(),
+            Pace::Fast(step) => {
+                start
+                    + chrono::Duration::from_std(step * u32::try_from(tick).unwrap_or(u32::MAX))
+                        .unwrap_or_default()
+            }
+        };
+        tick += 1;
+        for g in generator.tick(at) {
+            if max_records.is_some_and(|m| sent >= m) {
+                break 'outer;
+            }
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).payload(&g.payload);
+            // The empty-key fault needs a present, empty key; a missing key is legitimate.
+            record = record.key(&g.key);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        r,
+                    )) => {
+                        record = r;
+                        producer.poll(Duration::from_millis(20));
+                    }
+                    Err((e, _)) => return Err(e),
+                }
+            }
+            sent += 1;
+            if let Kind::Bad(reason) = g.kind {
+                if let Ok(mut m) = counts.injected.lock() {
+                    *m.entry(reason.to_string()).or_default() += 1;
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+        if let Pace::RealTime(interval) = pace {
+            next += interval;
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            } else {
+                next = now;
+            }
+        }
+        counts.produced.store(sent, Ordering::Relaxed);
+    }
+    while producer.flush(Duration::from_secs(1)).is_err() {
+        warn!("waiting for the broker to acknowledge synthetic telemetry");
+        if stop.load(Ordering::Relaxed) && producer.in_flight_count() == 0 {
+            break;
+        }
+    }
+    counts.produced.store(sent, Ordering::Relaxed);
+    Ok(())
+}
+
+fn reasons_line(by_reason: &BTreeMap<String, u64>) -> String {
+    let mut v: Vec<_> = by_reason.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    v.iter()
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Runs the demo until `duration` passes or `interrupt` resolves, printing a live summary to
+/// `out` (stderr in the CLI). Returns the final figures.
+pub async fn run(
+    mut config: Config,
+    duration: Option<Duration>,
+    interrupt: impl std::future::Future<Output = ()>,
+    out: &mut dyn Write,
+) -> Result<DemoReport, DemoError> {
+    let mock = MockCluster::new(3)?;
+    config.set_brokers(&mock.bootstrap_servers());
+    for spec in topics::declared(&config)? {
+        mock.create_topic(&spec.name, spec.partitions, 1)?;
+    }
+    let metrics = Arc::new(Metrics::new());
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let stop_generator = Arc::new(AtomicBool::new(false));
+    let http_stop = Arc::new(tokio::sync::Notify::new());
+    match wiring::bind_http(&config).await {
+        Ok(Some(listener)) => {
+            let router = crate::metrics::router(metrics.clone());
+            let notify = http_stop.clone();
+            tokio::spawn(async move {
+                if let Err(e) =
+                    crate::metrics::serve_on(
+                        listener,
+                        router,
+                        async move { notify.notified().await },
+                    )
+                    .await
+                {
+                    warn!(error = %e, "http endpoint stopped");
+                }
+            });
+        }
+        Ok(None) => {}
+        Err(e) => {
+            warn!(error = %e, listen = %config.http.listen, "demo runs without its HTTP endpoint")
+        }
+    }
+
+    let key = wiring::anonymization_key(&config, rand::random);
+    let (stage, ctx) = wiring::filter(
+        &config,
+        &key,
+        metrics.clone(),
+        clock.clone(),
+        shutdown.clone(),
+        tokio::runtime::Handle::current(),
+    )?;
+    let filter_thread = std::thread::Builder::new()
+        .name("filter".into())
+        .spawn(move || runner::run(stage, ctx))
+        .map_err(|_| DemoError::Panicked)?;
+
+    let counts = Arc::new(ProduceCounts::default());
+    let generator = Generator::new(config.demo.generator(), WireFormat::Json);
+    let gen_thread = {
+        let job = ProduceJob {
+            kafka: config.kafka.clone(),
+            topic: config.topics.name(&config.topics.raw),
+            pace: Pace::RealTime(config.demo.interval),
+            max_records: None,
+        };
+        let (counts, stop, clock) = (counts.clone(), stop_generator.clone(), clock.clone());
+        std::thread::Builder::new()
+            .name("generator".into())
+            .spawn(move || produce(&job, generator, clock.as_ref(), &stop, &counts))
+            .map_err(|_| DemoError::Panicked)?
+    };
+
+    let started = Instant::now();
+    let _ = writeln!(
+        out,
+        "ebb demo: {} services x {} instances on the in-process mock cluster ({}); metrics on http://{}/metrics",
+        config.demo.services,
+        config.demo.instances,
+        config.brokers(),
+        config.http.listen
+    );
+    let _ = writeln!(
+        out,
+        "{:>6}  {:>10}  {:>10}  {:>10}  {:>8}  dead letters by reason",
+        "time", "produced", "filter in", "clean out", "rejected"
+    );
+    let filter = metrics.stage("filter");
+    let print = |out: &mut dyn Write| {
+        let _ = writeln!(
+            out,
+            "{:>5.0}s  {:>10}  {:>10}  {:>10}  {:>8}  {}",
+            started.elapsed().as_secs_f64(),
+            counts.produced.load(Ordering::Relaxed),
+            filter.records_in.load(Ordering::Relaxed),
+            filter.records_out.load(Ordering::Relaxed),
+            filter.dead_lettered_total(),
+            reasons_line(&filter.dead_lettered_by_reason())
+        );
+    };
+    let deadline = async {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    tokio::pin!(interrupt);
+    let mut ticker = tokio::time::interval(Duration::from_secs(2));
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            () = &mut deadline => break,
+            () = &mut interrupt => { info!("interrupted"); break },
+            _ = ticker.tick() => print(out),
+        }
+    }
+
+    stop_generator.store(true, Ordering::Relaxed);
+    let produced = tokio::task::spawn_blocking(move || gen_thread.join())
+        .await
+        .map_err(|_| DemoError::Panicked)?
+        .map_err(|_| DemoError::Panicked)?;
+    if let Err(e) = produced {
+        warn!(error = %e, "generator stopped early");
+    }
+    // Let the filter catch up with everything produced, so in = out + rejected covers it all.
+    let produced = counts.produced.load(Ordering::Relaxed);
+    let drain_until = Instant::now() + Duration::from_secs(20);
+    while filter.records_in.load(Ordering::Relaxed) < produced && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.store(true, Ordering::Relaxed);
+    let summary = tokio::task::spawn_blocking(move || filter_thread.join())
+        .await
+        .map_err(|_| DemoError::Panicked)?
+        .map_err(|_| DemoError::Panicked)??;
+    http_stop.notify_waiters();
+    print(out);
+    drop(mock);
+    Ok(DemoReport {
+        records_in: summary.consumed,
+        out: summary.emitted,
+        dead_lettered: filter.dead_lettered_by_reason(),
+        produced,
+        injected: counts
+            .injected
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default(),
+        duration_s: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+    })
 }

@@ -148,7 +148,7 @@ impl Default for LimitsConfig {
     }
 }
 
-/// `[filter.outliers]`: a rolling median/MAD (Hampel) test per (service, metric).
+/// `[filter.outliers]`: a rolling median/MAD (Hampel) test per (service, instance, metric).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutlierConfig {
@@ -156,7 +156,8 @@ pub struct OutlierConfig {
     pub enabled: bool,
     /// Samples kept per series. Default 32.
     pub window: usize,
-    /// No verdicts until a series has this many samples. Default 8.
+    /// No verdicts until a series has this many samples. Default 16: a MAD from fewer is too
+    /// noisy to judge by.
     pub min_samples: usize,
     /// Robust z-score beyond which a sample is an outlier. Default 6: this filter drops
     /// glitches; spikes that matter are the models stage's business, not this one's.
@@ -164,6 +165,10 @@ pub struct OutlierConfig {
     /// Spread floor as a fraction of |median|, so near-constant series do not flag noise.
     /// Default 0.01.
     pub relative_floor: f64,
+    /// A sample must also differ from the median by at least this fraction of |median|.
+    /// Default 1.0 (at least double, or at or below zero): traffic bursts and load steps are
+    /// real and pass; a reading a thousand times too large does not.
+    pub min_jump: f64,
     /// Metric patterns tested. Default `["*"]`.
     pub include: Vec<String>,
     /// Metric patterns never tested. Default `*error*`, `*count*`, `*_total`: sparse event
@@ -178,9 +183,10 @@ impl Default for OutlierConfig {
         Self {
             enabled: true,
             window: 32,
-            min_samples: 8,
+            min_samples: 16,
             threshold: 6.0,
             relative_floor: 0.01,
+            min_jump: 1.0,
             include: vec!["*".into()],
             exclude: ["*error*", "*count*", "*_total"].map(String::from).to_vec(),
             max_series: 100_000,
@@ -276,6 +282,12 @@ impl FilterConfig {
             return bad(
                 "outliers.relative_floor",
                 format!("{} must be zero or positive", o.relative_floor),
+            );
+        }
+        if !(o.min_jump.is_finite() && o.min_jump >= 0.0) {
+            return bad(
+                "outliers.min_jump",
+                format!("{} must be zero or positive", o.min_jump),
             );
         }
         if o.max_series == 0 {

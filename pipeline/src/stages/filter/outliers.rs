@@ -1,5 +1,9 @@
-//! The Hampel test per (service, metric): a rolling median and MAD over the last `window`
-//! samples, with state bounded per series and in the number of series.
+//! The Hampel test per (service, instance, metric): a rolling median and MAD over the last
+//! `window` samples, with state bounded per series and in the number of series.
+//!
+//! Per instance, not per service: instances of one service differ (a faulty one most of all),
+//! and a shared series would flag the odd instance on every sample, erasing the very incident
+//! the models stage exists to see. Each instance is judged against its own history.
 //!
 //! Every finite sample enters the window, flagged or not, so a real level shift becomes
 //! the new normal within half a window; and a second flag in the same direction in a row is
@@ -108,10 +112,11 @@ pub struct OutlierDetector {
     scratch: Vec<f64>,
 }
 
-fn series_key(service: &str, metric: &str) -> u64 {
+fn series_key(service: &str, instance: &str, metric: &str) -> u64 {
     // SipHash with fixed keys: deterministic across runs, so replays see the same state.
     let mut h = std::collections::hash_map::DefaultHasher::new();
     service.hash(&mut h);
+    instance.hash(&mut h);
     metric.hash(&mut h);
     h.finish()
 }
@@ -153,13 +158,13 @@ impl OutlierDetector {
     }
 
     /// Tests `value` (finite) against its series and then adds it to the series.
-    pub fn check(&mut self, service: &str, metric: &str, value: f64) -> Verdict {
+    pub fn check(&mut self, service: &str, instance: &str, metric: &str, value: f64) -> Verdict {
         if !self.config.enabled || !value.is_finite() || !self.applies_to(metric) {
             return Verdict::Accept;
         }
         self.tick += 1;
         let window = self.config.window;
-        let key = series_key(service, metric);
+        let key = series_key(service, instance, metric);
         if !self.series.contains_key(&key) && self.series.len() >= self.config.max_series {
             self.evict();
         }
@@ -174,7 +179,8 @@ impl OutlierDetector {
             if let Some(spread) = series.sigma(median, &mut self.scratch) {
                 let sigma = spread.max(self.config.relative_floor * median.abs());
                 let z = (value - median) / sigma;
-                if z.abs() > self.config.threshold {
+                let jump = (value - median).abs() >= self.config.min_jump * median.abs();
+                if z.abs() > self.config.threshold && jump {
                     let direction: i8 = if z > 0.0 { 1 } else { -1 };
                     if series.last_flag != direction {
                         verdict = Verdict::Outlier { z, median, sigma };
@@ -223,24 +229,24 @@ mod tests {
         let mut flagged = 0;
         for _ in 0..2_000 {
             let v = 50.0 + rng.random_range(-5.0..5.0);
-            if is_outlier(d.check("api", "cpu", v)) {
+            if is_outlier(d.check("api", "i-1", "cpu", v)) {
                 flagged += 1;
             }
         }
         assert_eq!(flagged, 0, "uniform noise never exceeds 6 robust sigmas");
-        assert!(is_outlier(d.check("api", "cpu", 5_000.0)));
-        assert!(!is_outlier(d.check("api", "cpu", 51.0)));
+        assert!(is_outlier(d.check("api", "i-1", "cpu", 5_000.0)));
+        assert!(!is_outlier(d.check("api", "i-1", "cpu", 51.0)));
     }
 
     #[test]
     fn level_shift_loses_only_its_first_sample() {
         let mut d = detector();
         for i in 0..40 {
-            d.check("api", "latency_ms", 100.0 + f64::from(i % 5));
+            d.check("api", "i-1", "latency_ms", 100.0 + f64::from(i % 5));
         }
-        assert!(is_outlier(d.check("api", "latency_ms", 900.0)));
+        assert!(is_outlier(d.check("api", "i-1", "latency_ms", 900.0)));
         for _ in 0..30 {
-            assert!(!is_outlier(d.check("api", "latency_ms", 900.0)));
+            assert!(!is_outlier(d.check("api", "i-1", "latency_ms", 900.0)));
         }
     }
 
@@ -248,18 +254,18 @@ mod tests {
     fn no_verdict_before_min_samples_or_on_a_constant_series() {
         let mut d = detector();
         for _ in 0..7 {
-            assert!(!is_outlier(d.check("api", "mem", 1.0)));
+            assert!(!is_outlier(d.check("api", "i-1", "mem", 1.0)));
         }
         assert!(
-            !is_outlier(d.check("api", "mem", 1e9)),
+            !is_outlier(d.check("api", "i-1", "mem", 1e9)),
             "7 samples of history is too few"
         );
         let mut c = detector();
         for _ in 0..50 {
-            c.check("api", "mem", 0.0);
+            c.check("api", "i-1", "mem", 0.0);
         }
         assert!(
-            !is_outlier(c.check("api", "mem", 3.0)),
+            !is_outlier(c.check("api", "i-1", "mem", 3.0)),
             "a constant window has no spread to judge by"
         );
     }
@@ -267,16 +273,58 @@ mod tests {
     #[test]
     fn excluded_metrics_and_separate_series_are_independent() {
         let mut d = detector();
-        for _ in 0..50 {
-            d.check("api", "http_errors", 0.0);
-            d.check("api", "cpu", 10.0 + rand::random::<f64>());
+        for i in 0..50 {
+            d.check("api", "i-1", "http_errors", 0.0);
+            d.check("api", "i-1", "cpu", 10.0 + f64::from(i % 3) / 3.0);
         }
-        assert!(!is_outlier(d.check("api", "http_errors", 500.0)));
+        assert!(!is_outlier(d.check("api", "i-1", "http_errors", 500.0)));
         assert!(
-            !is_outlier(d.check("db", "cpu", 900.0)),
+            !is_outlier(d.check("db", "i-1", "cpu", 900.0)),
             "db has no history of its own"
         );
-        assert!(is_outlier(d.check("api", "cpu", 900.0)));
+        assert!(is_outlier(d.check("api", "i-1", "cpu", 900.0)));
+    }
+
+    #[test]
+    fn a_faulty_instance_among_healthy_ones_is_flagged_once_not_on_every_sample() {
+        let mut d = detector();
+        let mut flagged = 0;
+        for tick in 0..100 {
+            for (instance, base) in [("i-1", 50.0), ("i-2", 52.0), ("i-3", 300.0)] {
+                let v = base + f64::from(tick % 4);
+                if is_outlier(d.check("api", instance, "latency_ms", v)) {
+                    flagged += 1;
+                }
+            }
+        }
+        assert_eq!(
+            flagged, 0,
+            "each instance is normal against its own history"
+        );
+    }
+
+    #[test]
+    fn a_burst_is_not_a_glitch_but_a_thousandfold_reading_is() {
+        let mut d = detector();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..64 {
+            d.check(
+                "api",
+                "i-1",
+                "requests_per_s",
+                200.0 * (1.0 + rng.random_range(-0.05..0.05)),
+            );
+        }
+        assert!(
+            !is_outlier(d.check("api", "i-1", "requests_per_s", 330.0)),
+            "a 65% burst is real traffic"
+        );
+        assert!(is_outlier(d.check(
+            "api",
+            "i-1",
+            "requests_per_s",
+            200_000.0
+        )));
     }
 
     #[test]
@@ -286,7 +334,7 @@ mod tests {
             ..OutlierConfig::default()
         });
         for i in 0..1_000 {
-            d.check(&format!("svc-{i}"), "cpu", 1.0);
+            d.check(&format!("svc-{i}"), "i-1", "cpu", 1.0);
         }
         assert!(d.series_count() <= 100);
         assert!(d.evicted() >= 900);

@@ -267,14 +267,16 @@ impl FilterStage {
         }
         self.check_value(&sample)?;
         let ts = self.check_time(&sample)?;
-        if let Verdict::Outlier { z, median, sigma } =
-            self.outliers
-                .check(&sample.service, &sample.metric, sample.value)
-        {
+        if let Verdict::Outlier { z, median, sigma } = self.outliers.check(
+            &sample.service,
+            &sample.instance,
+            &sample.metric,
+            sample.value,
+        ) {
             return Err(reject(
                 "outlier",
                 format!(
-                    "{} = {} is {z:.1} robust sigmas from the recent median {median} (sigma {sigma:.4}) of {}",
+                    "{} = {} is {z:.1} robust sigmas from the recent median {median} (sigma {sigma:.4}) of this instance of {}",
                     sample.metric, sample.value, sample.service
                 ),
             ));
