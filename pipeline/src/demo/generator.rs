@@ -347,12 +347,17 @@ impl Generator {
                 g
             }
             _ => {
-                // A glitch: a latency reading a thousand times too large. Its series has
-                // history by now, so the Hampel test has something to judge by.
+                // A glitch: a reading ten thousand times too large. Injected only once every
+                // series has the history the Hampel test needs (min_samples 16, plus room for
+                // other faults), so its verdict is certain; before that, the good sample goes.
+                if self.ticks <= 24 {
+                    return self.encode(good, Kind::Good);
+                }
+                // Latency always: it is tested (error counts are not) and is never below 20 ms,
+                // so 10^4 x (1 + v) is at least ~25x its median.
+                s.value = 1e4 * (1.0 + good.value.abs()) * (1.0 + self.rng.random::<f64>());
                 s.metric = "latency_p95_ms".into();
                 s.unit = Some("ms".into());
-                s.value = 1e6 * (1.0 + self.rng.random::<f64>());
-                let kind = if self.ticks > 10 { kind } else { Kind::Good };
                 self.encode(&s, kind)
             }
         }

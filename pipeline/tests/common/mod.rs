@@ -1,0 +1,233 @@
+//! Shared helpers: the same test runs on librdkafka's mock cluster and on the real broker
+//! and registry that `compose/kafka.sh up` starts (named by EBB_TEST_BROKERS and
+//! EBB_TEST_REGISTRY). Every test uses its own topic prefix and groups, so tests never see
+//! each other's data.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ebb::clock::{Clock, SystemClock};
+use ebb::config::Config;
+use ebb::metrics::Metrics;
+use ebb::runner::{self, client_config, RunSummary, RunnerError};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+/// Where a test runs.
+pub enum Target {
+    Mock(MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+    Real { brokers: String, registry: String },
+}
+
+impl Target {
+    pub fn mock() -> Self {
+        Target::Mock(MockCluster::new(3).expect("mock cluster"))
+    }
+
+    /// The real broker and registry, or `None` outside CI when they are not running.
+    /// In CI (CI=true) a missing broker fails the test: it must never skip silently there.
+    pub fn real() -> Option<Self> {
+        let brokers = std::env::var("EBB_TEST_BROKERS")
+            .ok()
+            .filter(|v| !v.is_empty());
+        let registry = std::env::var("EBB_TEST_REGISTRY")
+            .ok()
+            .filter(|v| !v.is_empty());
+        match (brokers, registry) {
+            (Some(brokers), Some(registry)) => Some(Target::Real { brokers, registry }),
+            _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                panic!("CI=true but EBB_TEST_BROKERS / EBB_TEST_REGISTRY are not set: run compose/test.sh")
+            }
+            _ => {
+                eprintln!("SKIPPED: no real Kafka (run `compose/kafka.sh up` and export `compose/kafka.sh env`)");
+                None
+            }
+        }
+    }
+
+    pub fn brokers(&self) -> String {
+        match self {
+            Target::Mock(m) => m.bootstrap_servers(),
+            Target::Real { brokers, .. } => brokers.clone(),
+        }
+    }
+
+    pub fn registry(&self) -> Option<String> {
+        match self {
+            Target::Mock(_) => None,
+            Target::Real { registry, .. } => Some(registry.clone()),
+        }
+    }
+
+    /// A config for this target with a fresh topic prefix, created topics, and no HTTP.
+    pub fn config(&self, rt: &tokio::runtime::Runtime) -> Config {
+        let mut config = Config::default();
+        config.set_brokers(&self.brokers());
+        config.registry.url = self.registry();
+        config.topics.prefix = format!("t{}.", rand::random::<u32>());
+        config.http.enabled = false;
+        config.filter.group_id = format!("{}filter", config.topics.prefix);
+        config.runner.poll_timeout = Duration::from_millis(50);
+        let specs = ebb::topics::declared(&config).expect("topics");
+        match self {
+            Target::Mock(m) => {
+                for s in &specs {
+                    m.create_topic(&s.name, 3, 1).expect("mock topic");
+                }
+            }
+            Target::Real { .. } => {
+                let specs: Vec<_> = specs
+                    .into_iter()
+                    .map(|mut s| {
+                        s.partitions = 3;
+                        s
+                    })
+                    .collect();
+                let report = rt
+                    .block_on(ebb::topics::apply(&config.kafka, &specs, false))
+                    .expect("topics apply");
+                assert!(!report.is_empty());
+            }
+        }
+        config
+    }
+}
+
+/// A filter running on its own thread.
+pub struct RunningFilter {
+    pub shutdown: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
+    handle: JoinHandle<Result<RunSummary, RunnerError>>,
+}
+
+impl RunningFilter {
+    pub fn start(config: &Config, rt: &tokio::runtime::Runtime) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let (stage, ctx) = ebb::wiring::filter(
+            config,
+            b"integration-test-key",
+            metrics.clone(),
+            clock,
+            shutdown.clone(),
+            rt.handle().clone(),
+        )
+        .expect("wiring");
+        let handle = std::thread::spawn(move || runner::run(stage, ctx));
+        Self {
+            shutdown,
+            metrics,
+            handle,
+        }
+    }
+
+    pub fn consumed(&self) -> u64 {
+        self.metrics
+            .stage("filter")
+            .records_in
+            .load(Ordering::Relaxed)
+    }
+
+    /// Waits until the filter has consumed `n` records.
+    pub fn wait_for(&self, n: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.consumed() < n {
+            assert!(
+                Instant::now() < deadline,
+                "filter consumed {} of {n} records in {timeout:?}",
+                self.consumed()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(self) -> RunSummary {
+        self.shutdown.store(true, Ordering::Relaxed);
+        self.handle
+            .join()
+            .expect("filter thread")
+            .expect("filter result")
+    }
+}
+
+/// Produces (key, value) pairs; `None` key means no key.
+pub fn produce(config: &Config, topic: &str, records: &[(Option<Vec<u8>>, Vec<u8>)]) {
+    let producer: BaseProducer = client_config(&config.kafka)
+        .set("message.max.bytes", "10485760")
+        .create()
+        .expect("producer");
+    for (key, payload) in records {
+        let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).payload(payload);
+        if let Some(k) = key {
+            r = r.key(k);
+        }
+        loop {
+            match producer.send(r) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    r = back;
+                    producer.poll(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+}
+
+/// A record read back.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Reads `n` records from `topics` (from the start), or fails after `timeout`.
+pub fn read(config: &Config, topics: &[&str], n: usize, timeout: Duration) -> Vec<Read> {
+    let consumer: BaseConsumer = client_config(&config.kafka)
+        .set("group.id", format!("reader-{}", rand::random::<u32>()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(topics).expect("subscribe");
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {n} records from {topics:?}",
+            out.len()
+        );
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Read {
+                topic: m.topic().to_string(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+        }
+    }
+    out
+}
