@@ -268,7 +268,7 @@ fn filter_loses_nothing_and_leaks_nothing(target: &Target, avro: bool) {
     }
 
     // Every clean record: keyed by service, UTC, no identifier in clear, same format as in.
-    let mut codec = AvroCodec::default();
+    let codec = AvroCodec::default();
     for c in &cleaned {
         let payload = c.payload.as_deref().unwrap();
         let sample = if avro {

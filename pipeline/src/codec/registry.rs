@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use schema_registry_converter::async_impl::schema_registry::{
-    get_schema_by_id, is_compatible_schema, post_schema, SrSettings,
+    get_all_versions, get_schema_by_id, is_compatible_schema, post_schema, SrSettings,
 };
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{RawError, SchemaType, SuppliedSchema};
@@ -126,6 +126,17 @@ impl Registry {
         subject: &str,
         schema: &str,
     ) -> Result<Option<bool>, RegistryError> {
+        // Ask for versions first: some registries (AxonOps 0.2) answer a compatibility check
+        // on a subject that does not exist with "compatible" instead of Confluent's 404.
+        match get_all_versions(&self.settings, subject.to_string())
+            .await
+            .map_err(classify)
+        {
+            Ok(versions) if versions.is_empty() => return Ok(None),
+            Ok(_) => {}
+            Err(RegistryError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        }
         let supplied = SuppliedSchema::new(None, SchemaType::Avro, schema.to_string());
         match is_compatible_schema(&self.settings, subject.to_string(), supplied).await {
             Ok(ok) => Ok(Some(ok)),

@@ -207,7 +207,7 @@ impl Generator {
                     ("latency_p95_ms", latency, "ms"),
                     ("errors_per_s", errors, "1/s"),
                 ] {
-                    let good = self.sample(&svc.name, &instance, metric, value, unit, at, ii);
+                    let good = self.sample((&svc.name, &instance, ii), (metric, value, unit), at);
                     if self.rng.random_bool(self.config.fault_rate.clamp(0.0, 1.0)) {
                         let fault = FAULTS[self.rng.random_range(0..FAULTS.len())];
                         out.push(self.bad(fault, &good, at));
@@ -220,15 +220,12 @@ impl Generator {
         out
     }
 
+    /// One measurement `(metric, value, unit)` of `instance` (the `ii`-th) of `service`.
     fn sample(
         &mut self,
-        service: &str,
-        instance: &str,
-        metric: &str,
-        value: f64,
-        unit: &str,
+        (service, instance, ii): (&str, &str, usize),
+        (metric, value, unit): (&str, f64, &str),
         at: DateTime<Utc>,
-        ii: usize,
     ) -> TelemetrySample {
         // Instances report time in different ways, as real fleets do.
         let ts = match ii % 4 {

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: starts real Apache Kafka and the schema registry
+# (compose/kafka.sh), then format and lint checks, then every test, mock-cluster and
+# real-broker alike. Stops the services it started.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+started=0
+if ! compose/kafka.sh status >/dev/null 2>&1; then
+  compose/kafka.sh up --fresh
+  started=1
+fi
+cleanup() { if ((started)); then compose/kafka.sh down || true; fi; }
+trap cleanup EXIT
+eval "$(compose/kafka.sh env | sed 's/^/export /')"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo test (mock cluster and real Kafka at $EBB_TEST_BROKERS, registry $EBB_TEST_REGISTRY)"
+cargo test --workspace
+echo "== docker-compose.yml"
+python3 compose/check_compose.py compose/docker-compose.yml
