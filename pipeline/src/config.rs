@@ -180,8 +180,11 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunnerConfig {
-    /// Records per batch; offsets are stored once a whole batch is acknowledged. Default 2000.
+    /// Records read per poll round before delivery reports are served. Default 2000.
     pub batch_size: usize,
+    /// Records processed but not yet acknowledged at most; beyond it the stage stops reading
+    /// until the broker catches up. Bounds memory and the re-reads after a crash. Default 20000.
+    pub max_in_flight: usize,
     /// How long a poll waits for the first record of a batch. Default 100 ms.
     #[serde(with = "humantime_serde")]
     pub poll_timeout: Duration,
@@ -198,6 +201,7 @@ impl Default for RunnerConfig {
     fn default() -> Self {
         Self {
             batch_size: 2000,
+            max_in_flight: 20_000,
             poll_timeout: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(30),
             retry_backoff: Duration::from_millis(500),
@@ -308,6 +312,9 @@ impl Config {
         }
         if self.runner.batch_size == 0 {
             return bad("runner.batch_size", "must be positive");
+        }
+        if self.runner.max_in_flight == 0 {
+            return bad("runner.max_in_flight", "must be positive");
         }
         if self.runner.poll_timeout.is_zero() {
             return bad("runner.poll_timeout", "must be positive");

@@ -337,7 +337,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 "  in-process Avro  decode+filter+encode  {:>12.0} records/s",
                 figures.avro_records_per_s
             );
-            println!("  broker: {}", figures.broker);
+            println!(
+                "  broker: {} ({} records held)",
+                figures.broker, figures.broker_records
+            );
             println!(
                 "  raw rdkafka consume                    {:>12.0} records/s",
                 figures.raw_consume_records_per_s
