@@ -21,9 +21,7 @@ pub const CLEAN_SCHEMA: &str = include_str!("../../../schemas/telemetry.clean.av
 static CLEAN: LazyLock<Result<Schema, String>> =
     LazyLock::new(|| Schema::parse_str(CLEAN_SCHEMA).map_err(|e| e.to_string()));
 
-// Built once: resolving a schema costs more than encoding a sample. Values are built by
-// this module to match the schema field for field, so validation is skipped (the round-trip
-// tests below hold that promise).
+// Built once: resolving a schema costs more than encoding a sample.
 static CLEAN_WRITER: LazyLock<Result<GenericDatumWriter<'static>, String>> = LazyLock::new(|| {
     let schema = CLEAN
         .as_ref()
@@ -112,21 +110,24 @@ pub struct AvroCodec {
     pub schemas: SchemaCache,
 }
 
+#[cfg(test)]
 fn field<'v>(fields: &'v [(String, Value)], name: &str) -> Option<&'v Value> {
     fields.iter().find(|(n, _)| n == name).map(|(_, v)| v)
 }
 
-fn unwrap_union(v: &Value) -> &Value {
-    match v {
-        Value::Union(_, inner) => inner,
+/// Takes a field's value out of a decoded record (unions unwrapped), so strings move into the
+/// sample instead of being copied.
+fn take(fields: &mut Vec<(String, Value)>, name: &str) -> Option<Value> {
+    let at = fields.iter().position(|(n, _)| n == name)?;
+    Some(match fields.swap_remove(at).1 {
+        Value::Union(_, inner) => *inner,
         other => other,
-    }
+    })
 }
 
-fn string(fields: &[(String, Value)], name: &str) -> Result<String, DecodeError> {
-    match field(fields, name).map(unwrap_union) {
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Enum(_, s)) => Ok(s.clone()),
+fn string(fields: &mut Vec<(String, Value)>, name: &str) -> Result<String, DecodeError> {
+    match take(fields, name) {
+        Some(Value::String(s) | Value::Enum(_, s)) => Ok(s),
         Some(other) => Err(DecodeError::WrongType(format!(
             "{name}: expected string, got {other:?}"
         ))),
@@ -145,26 +146,24 @@ fn number(v: &Value) -> Option<f64> {
     }
 }
 
-fn to_sample(value: &Value) -> Result<TelemetrySample, DecodeError> {
-    let Value::Record(fields) = value else {
+fn to_sample(value: Value) -> Result<TelemetrySample, DecodeError> {
+    let Value::Record(mut fields) = value else {
         return Err(DecodeError::WrongType(format!(
             "expected a record, got {value:?}"
         )));
     };
-    let value_field = field(fields, "value").map(unwrap_union);
-    let value = match value_field {
-        Some(v) => number(v).ok_or_else(|| {
+    let value = match take(&mut fields, "value") {
+        Some(v) => number(&v).ok_or_else(|| {
             DecodeError::WrongType(format!("value: expected a number, got {v:?}"))
         })?,
         None => return Err(DecodeError::MissingField("missing field `value`".into())),
     };
-    let ts = match field(fields, "ts").map(unwrap_union) {
-        Some(Value::String(s)) => RawTimestamp::Text(s.clone()),
-        Some(Value::Long(n)) => RawTimestamp::Int(*n),
-        Some(Value::Int(n)) => RawTimestamp::Int(i64::from(*n)),
-        Some(Value::TimestampMillis(n)) => RawTimestamp::Int(*n),
-        Some(Value::Double(d)) => RawTimestamp::Float(*d),
-        Some(Value::Float(f)) => RawTimestamp::Float(f64::from(*f)),
+    let ts = match take(&mut fields, "ts") {
+        Some(Value::String(s)) => RawTimestamp::Text(s),
+        Some(Value::Long(n) | Value::TimestampMillis(n)) => RawTimestamp::Int(n),
+        Some(Value::Int(n)) => RawTimestamp::Int(i64::from(n)),
+        Some(Value::Double(d)) => RawTimestamp::Float(d),
+        Some(Value::Float(f)) => RawTimestamp::Float(f64::from(f)),
         Some(other) => {
             return Err(DecodeError::WrongType(format!(
                 "ts: expected string or number, got {other:?}"
@@ -172,21 +171,27 @@ fn to_sample(value: &Value) -> Result<TelemetrySample, DecodeError> {
         }
         None => return Err(DecodeError::MissingField("missing field `ts`".into())),
     };
-    let unit = match field(fields, "unit").map(unwrap_union) {
+    let unit = match take(&mut fields, "unit") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::String(s)) => Some(s),
         Some(other) => {
             return Err(DecodeError::WrongType(format!(
                 "unit: expected string, got {other:?}"
             )))
         }
     };
-    let labels = match field(fields, "labels").map(unwrap_union) {
+    let labels = match take(&mut fields, "labels") {
         None | Some(Value::Null) => BTreeMap::new(),
         Some(Value::Map(m)) => m
-            .iter()
-            .map(|(k, v)| match unwrap_union(v) {
-                Value::String(s) => Ok((k.clone(), s.clone())),
+            .into_iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => Ok((k, s)),
+                Value::Union(_, inner) => match *inner {
+                    Value::String(s) => Ok((k, s)),
+                    other => Err(DecodeError::WrongType(format!(
+                        "labels.{k}: expected string, got {other:?}"
+                    ))),
+                },
                 other => Err(DecodeError::WrongType(format!(
                     "labels.{k}: expected string, got {other:?}"
                 ))),
@@ -199,14 +204,27 @@ fn to_sample(value: &Value) -> Result<TelemetrySample, DecodeError> {
         }
     };
     Ok(TelemetrySample {
-        service: string(fields, "service")?,
-        instance: string(fields, "instance")?,
-        metric: string(fields, "metric")?,
+        service: string(&mut fields, "service")?,
+        instance: string(&mut fields, "instance")?,
+        metric: string(&mut fields, "metric")?,
         value,
         unit,
         ts,
         labels,
     })
+}
+
+/// The clean record as serde sees it: written straight under the clean schema, with no
+/// intermediate `Value` tree (which cost an allocation per field name per record).
+#[derive(serde::Serialize)]
+struct CleanAvro<'a> {
+    service: &'a str,
+    instance: &'a str,
+    metric: &'a str,
+    value: f64,
+    unit: Option<&'a str>,
+    ts: String,
+    labels: &'a BTreeMap<String, String>,
 }
 
 impl AvroCodec {
@@ -240,7 +258,7 @@ impl AvroCodec {
                 detail: format!("{} trailing bytes after the datum", body.len()),
             });
         }
-        to_sample(&value)
+        to_sample(value)
     }
 
     /// Encodes a clean sample under the registered clean schema.
@@ -252,34 +270,20 @@ impl AvroCodec {
         let writer = CLEAN_WRITER
             .as_ref()
             .map_err(|e| EncodeError::Avro(e.clone()))?;
-        let value = Value::Record(vec![
-            ("service".into(), Value::String(s.service.clone())),
-            ("instance".into(), Value::String(s.instance.clone())),
-            ("metric".into(), Value::String(s.metric.clone())),
-            ("value".into(), Value::Double(s.value)),
-            (
-                "unit".into(),
-                match &s.unit {
-                    None => Value::Union(0, Box::new(Value::Null)),
-                    Some(u) => Value::Union(1, Box::new(Value::String(u.clone()))),
-                },
-            ),
-            ("ts".into(), Value::String(s.ts_rfc3339())),
-            (
-                "labels".into(),
-                Value::Map(
-                    s.labels
-                        .iter()
-                        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                        .collect(),
-                ),
-            ),
-        ]);
+        let record = CleanAvro {
+            service: &s.service,
+            instance: &s.instance,
+            metric: &s.metric,
+            value: s.value,
+            unit: s.unit.as_deref(),
+            ts: s.ts_rfc3339(),
+            labels: &s.labels,
+        };
         let mut out = Vec::with_capacity(128);
         out.push(CONFLUENT_MAGIC);
         out.extend_from_slice(&id.to_be_bytes());
         writer
-            .write_value_ref(&mut out, &value)
+            .write_ser(&mut out, &record)
             .map_err(|e| EncodeError::Avro(e.to_string()))?;
         Ok(out)
     }
@@ -425,6 +429,36 @@ mod tests {
         assert_eq!(
             field(&fields, "ts"),
             Some(&Value::String("2023-11-14T22:13:20Z".into()))
+        );
+    }
+
+    #[test]
+    fn clean_avro_keeps_unit_and_labels() {
+        let codec = codec();
+        let clean = CleanSample {
+            service: "api".into(),
+            instance: "abc".into(),
+            metric: "latency".into(),
+            value: 12.25,
+            unit: Some("ms".into()),
+            ts: chrono::DateTime::from_timestamp(1_700_000_000, 1_000).unwrap_or_default(),
+            labels: BTreeMap::from([
+                ("zone".into(), "eu-1".into()),
+                ("user_id".into(), "x".into()),
+            ]),
+        };
+        let bytes = codec.encode_clean(&clean).unwrap_or_default();
+        let back = codec.decode_sample(&bytes).map_err(|e| e.to_string());
+        let back = match back {
+            Ok(b) => b,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(back.unit.as_deref(), Some("ms"));
+        assert_eq!(back.labels, clean.labels);
+        assert_eq!(back.value, 12.25);
+        assert_eq!(
+            back.ts,
+            RawTimestamp::Text("2023-11-14T22:13:20.000001Z".into())
         );
     }
 
