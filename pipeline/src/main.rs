@@ -50,7 +50,7 @@ enum Command {
         /// Print the final figures as one JSON object on the last line of stdout.
         #[arg(long)]
         json: bool,
-        /// HTTP listen address (metrics).
+        /// HTTP listen address for /metrics and /healthz [default: 127.0.0.1:9470, or http.listen].
         #[arg(long, value_name = "ADDR:PORT")]
         http: Option<String>,
     },
@@ -58,7 +58,7 @@ enum Command {
     Run {
         /// Which stage.
         stage: StageName,
-        /// HTTP listen address (metrics).
+        /// HTTP listen address for /metrics and /healthz [default: 127.0.0.1:9470, or http.listen].
         #[arg(long, value_name = "ADDR:PORT")]
         http: Option<String>,
     },
@@ -76,8 +76,8 @@ enum Command {
         /// Wire format; avro registers the raw schema with the registry first.
         #[arg(long, value_enum, default_value_t = FormatArg::Json)]
         format: FormatArg,
-        /// Send as fast as possible with event times `interval` apart (a backfill), instead
-        /// of one round per interval of wall time.
+        /// Send as fast as possible with event times `demo.interval` apart (a backfill),
+        /// instead of one round per `demo.interval` of wall time.
         #[arg(long)]
         fast: bool,
     },
@@ -113,7 +113,9 @@ enum StageName {
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum FormatArg {
+    /// The contract JSON object.
     Json,
+    /// Avro in the Confluent wire format (needs --registry).
     Avro,
 }
 

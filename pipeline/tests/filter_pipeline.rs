@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use chrono::Utc;
-use common::{produce, read, RunningFilter, Target};
+use common::{produce, read_exactly, RunningFilter, Target};
 use ebb::codec::avro::encode_raw;
 use ebb::codec::registry::Registry;
 use ebb::codec::{confluent_schema_id, json, AvroCodec};
@@ -213,7 +213,13 @@ fn filter_loses_nothing_and_leaks_nothing(target: &Target, avro: bool) {
         "in = out + dead-lettered"
     );
 
-    let outputs = read(&config, &[&clean, &dead], n, Duration::from_secs(60));
+    let outputs = read_exactly(
+        &config,
+        &[&clean, &dead],
+        n,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    );
     let expected_dead: usize = records.iter().filter(|r| r.2.is_some()).count();
     let (cleaned, dead_letters): (Vec<_>, Vec<_>) =
         outputs.into_iter().partition(|r| r.topic == clean);
@@ -416,6 +422,11 @@ fn broker_outage_is_retried_and_loses_nothing() {
     let summary = filter.stop();
     assert_eq!(summary.consumed, 400);
     assert_eq!(summary.emitted, 400);
-    let out = read(&config, &[&clean], 400, Duration::from_secs(60));
-    assert_eq!(out.len(), 400);
+    read_exactly(
+        &config,
+        &[&clean],
+        400,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    );
 }

@@ -190,8 +190,16 @@ pub struct Read {
     pub headers: BTreeMap<String, String>,
 }
 
-/// Reads `n` records from `topics` (from the start), or fails after `timeout`.
-pub fn read(config: &Config, topics: &[&str], n: usize, timeout: Duration) -> Vec<Read> {
+/// Reads exactly `n` records from `topics` (from the start), failing after `timeout`; after
+/// the `n`-th, keeps polling for `settle` and fails if any more arrive (a duplicate, or a
+/// record that should not exist).
+pub fn read_exactly(
+    config: &Config,
+    topics: &[&str],
+    n: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Read> {
     let consumer: BaseConsumer = client_config(&config.kafka)
         .set("group.id", format!("reader-{}", rand::random::<u32>()))
         .set("auto.offset.reset", "earliest")
@@ -227,6 +235,17 @@ pub fn read(config: &Config, topics: &[&str], n: usize, timeout: Duration) -> Ve
                 payload: m.payload().map(<[u8]>::to_vec),
                 headers,
             });
+        }
+    }
+    let quiet_until = Instant::now() + settle;
+    while Instant::now() < quiet_until {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            panic!(
+                "more than {n} records on {topics:?}: an extra one at {}/{}/{}",
+                m.topic(),
+                m.partition(),
+                m.offset()
+            );
         }
     }
     out
