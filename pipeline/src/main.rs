@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing::{error, info};
+use tracing::info;
 
 use ebb::clock::{Clock, SystemClock};
 use ebb::config::Config;
@@ -365,24 +365,13 @@ async fn run_filter(config: Config) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let shutdown = Arc::new(AtomicBool::new(false));
-    let http_stop = Arc::new(tokio::sync::Notify::new());
-    if let Some(listener) = wiring::bind_http(&config).await.with_context(|| {
+    let listener = wiring::bind_http(&config).await.with_context(|| {
         format!(
             "http.listen {}: cannot listen (use --http ADDR:PORT)",
             config.http.listen
         )
-    })? {
-        let router = ebb::metrics::router(metrics.clone());
-        let notify = http_stop.clone();
-        tokio::spawn(async move {
-            if let Err(e) =
-                ebb::metrics::serve_on(listener, router, async move { notify.notified().await })
-                    .await
-            {
-                error!(error = %e, "http endpoint stopped");
-            }
-        });
-    }
+    })?;
+    let http = listener.map(|l| wiring::serve_http(l, metrics.clone()));
     let key = wiring::anonymization_key(&config, rand::random);
     let (stage, ctx) = wiring::filter(
         &config,
@@ -409,7 +398,7 @@ async fn run_filter(config: Config) -> Result<()> {
     let result = waiter
         .await?
         .map_err(|_| anyhow::anyhow!("the filter thread panicked"))?;
-    http_stop.notify_waiters();
+    drop(http);
     let summary = result?;
     info!(
         consumed = summary.consumed,

@@ -4,7 +4,6 @@
 //! summary and its final JSON line all read the same numbers.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -236,16 +235,6 @@ impl Metrics {
         }
         out
     }
-}
-
-/// Serves `/metrics` and `/healthz` on `addr` until `shutdown` resolves.
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    serve_on(listener, router(metrics), shutdown).await
 }
 
 /// The HTTP routes.

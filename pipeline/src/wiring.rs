@@ -82,6 +82,35 @@ pub fn filter(
     Ok((stage, ctx))
 }
 
+/// The HTTP endpoint, served until this is dropped.
+#[derive(Debug)]
+pub struct HttpServer {
+    stop: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        // notify_one keeps a permit, so a stop before the server first waits is not lost.
+        self.stop.notify_one();
+    }
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until the returned handle is dropped.
+pub fn serve_http(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> HttpServer {
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let notified = stop.clone();
+    tokio::spawn(async move {
+        let router = crate::metrics::router(metrics);
+        if let Err(e) =
+            crate::metrics::serve_on(listener, router, async move { notified.notified().await })
+                .await
+        {
+            warn!(error = %e, "http endpoint stopped");
+        }
+    });
+    HttpServer { stop }
+}
+
 /// Binds the HTTP endpoint if enabled. In the demo a taken port is a warning (the pipeline
 /// still runs); for `ebb run` it is an error, since an unscraped stage is a blind one.
 pub async fn bind_http(config: &Config) -> std::io::Result<Option<tokio::net::TcpListener>> {

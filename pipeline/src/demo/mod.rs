@@ -264,29 +264,13 @@ pub async fn run(
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let shutdown = Arc::new(AtomicBool::new(false));
     let stop_generator = Arc::new(AtomicBool::new(false));
-    let http_stop = Arc::new(tokio::sync::Notify::new());
-    match wiring::bind_http(&config).await {
-        Ok(Some(listener)) => {
-            let router = crate::metrics::router(metrics.clone());
-            let notify = http_stop.clone();
-            tokio::spawn(async move {
-                if let Err(e) =
-                    crate::metrics::serve_on(
-                        listener,
-                        router,
-                        async move { notify.notified().await },
-                    )
-                    .await
-                {
-                    warn!(error = %e, "http endpoint stopped");
-                }
-            });
-        }
-        Ok(None) => {}
+    let http = match wiring::bind_http(&config).await {
+        Ok(listener) => listener.map(|l| wiring::serve_http(l, metrics.clone())),
         Err(e) => {
-            warn!(error = %e, listen = %config.http.listen, "demo runs without its HTTP endpoint")
+            warn!(error = %e, listen = %config.http.listen, "demo runs without its HTTP endpoint");
+            None
         }
-    }
+    };
 
     let key = wiring::anonymization_key(&config, rand::random);
     let (stage, ctx) = wiring::filter(
@@ -382,7 +366,7 @@ pub async fn run(
         .await
         .map_err(|_| DemoError::Panicked)?
         .map_err(|_| DemoError::Panicked)??;
-    http_stop.notify_waiters();
+    drop(http);
     print(out);
     drop(mock);
     Ok(DemoReport {

@@ -106,11 +106,6 @@ impl FilterStage {
         }
     }
 
-    /// The Avro codec (the runner fills its schema cache and clean schema id).
-    pub fn avro_mut(&mut self) -> &mut AvroCodec {
-        &mut self.avro
-    }
-
     /// Outlier series tracked now.
     pub fn series_count(&self) -> usize {
         self.outliers.series_count()
