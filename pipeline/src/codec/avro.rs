@@ -214,6 +214,65 @@ fn to_sample(value: Value) -> Result<TelemetrySample, DecodeError> {
     })
 }
 
+/// A raw sample as serde sees it, for the decoding fast path. apache-avro matches the
+/// struct's name to the record's, so it is named like `schemas/telemetry.raw.avsc`; other
+/// record names take the slower, general path.
+#[derive(serde::Deserialize)]
+#[serde(rename = "Sample")]
+struct RawAvro {
+    service: String,
+    instance: String,
+    metric: String,
+    value: f64,
+    #[serde(default)]
+    unit: Option<String>,
+    ts: AvroTs,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+impl RawAvro {
+    fn into_sample(self) -> TelemetrySample {
+        TelemetrySample {
+            service: self.service,
+            instance: self.instance,
+            metric: self.metric,
+            value: self.value,
+            unit: self.unit,
+            ts: self.ts.0,
+            labels: self.labels,
+        }
+    }
+}
+
+/// The `ts` union (string, long or double).
+struct AvroTs(RawTimestamp);
+
+impl<'de> serde::Deserialize<'de> for AvroTs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = AvroTs;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string, long or double timestamp")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<AvroTs, E> {
+                Ok(AvroTs(RawTimestamp::Text(v.to_string())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<AvroTs, E> {
+                Ok(AvroTs(RawTimestamp::Text(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<AvroTs, E> {
+                Ok(AvroTs(RawTimestamp::Int(v)))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<AvroTs, E> {
+                Ok(AvroTs(RawTimestamp::Float(v)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// The clean record as serde sees it: written straight under the clean schema, with no
 /// intermediate `Value` tree (which cost an allocation per field name per record).
 #[derive(serde::Serialize)]
@@ -244,6 +303,15 @@ impl AvroCodec {
             // a test without a registry, nobody asked).
             Some(None) | None => return Err(DecodeError::UnknownSchemaId(id)),
         };
+        // Fast path: straight into the sample, no Value tree. Anything it refuses (a type
+        // mismatch, an evolved schema it cannot map) is decoded again through Value, which
+        // accepts every compatible shape and words the error a dead letter carries.
+        let mut fast = &payload[5..];
+        if let Ok(raw) = entry.reader.read_deser::<RawAvro>(&mut fast) {
+            if fast.is_empty() {
+                return Ok(raw.into_sample());
+            }
+        }
         let mut body = &payload[5..];
         let value = entry
             .reader
@@ -459,6 +527,73 @@ mod tests {
         assert_eq!(
             back.ts,
             RawTimestamp::Text("2023-11-14T22:13:20.000001Z".into())
+        );
+    }
+
+    #[test]
+    fn the_contract_schema_takes_the_fast_path() {
+        let codec = codec();
+        let Some(Some(entry)) = codec.schemas.get(1) else {
+            panic!("raw schema cached")
+        };
+        for unit in [None, Some("ms".to_string())] {
+            let bytes = encode_raw(&TelemetrySample { unit, ..raw() }, 1).unwrap_or_default();
+            let fast = entry
+                .reader
+                .read_deser::<RawAvro>(&mut &bytes[5..])
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            assert!(fast.is_ok(), "{fast:?}");
+        }
+    }
+
+    #[test]
+    fn every_ts_branch_and_an_evolved_writer_schema_decode() {
+        let codec = codec();
+        for ts in [
+            RawTimestamp::Text("2024-01-01T00:00:00Z".into()),
+            RawTimestamp::Int(7),
+            RawTimestamp::Float(1.5),
+        ] {
+            let sample = TelemetrySample {
+                ts: ts.clone(),
+                unit: None,
+                ..raw()
+            };
+            let bytes = encode_raw(&sample, 1).unwrap_or_default();
+            assert_eq!(codec.decode_sample(&bytes), Ok(sample));
+        }
+        // A producer's newer schema: an extra field first, no unit, no labels, a float value.
+        let evolved = r#"{"type":"record","name":"Sample","namespace":"ebb.telemetry","fields":[
+            {"name":"region","type":"string"},
+            {"name":"service","type":"string"},{"name":"instance","type":"string"},
+            {"name":"metric","type":"string"},{"name":"value","type":"float"},
+            {"name":"ts","type":"long"}]}"#;
+        assert!(codec.schemas.insert(3, evolved).is_ok());
+        let schema = Schema::parse_str(evolved).unwrap_or(Schema::Null);
+        let value = Value::Record(vec![
+            ("region".into(), Value::String("eu".into())),
+            ("service".into(), Value::String("api".into())),
+            ("instance".into(), Value::String("i-1".into())),
+            ("metric".into(), Value::String("cpu".into())),
+            ("value".into(), Value::Float(0.5)),
+            ("ts".into(), Value::Long(1_700_000_000)),
+        ]);
+        let mut bytes = vec![0, 0, 0, 0, 3];
+        let writer = GenericDatumWriter::builder(&schema).build();
+        assert!(writer.is_ok_and(|w| w.write_value_ref(&mut bytes, &value).is_ok()));
+        let got = codec.decode_sample(&bytes);
+        assert_eq!(
+            got,
+            Ok(TelemetrySample {
+                service: "api".into(),
+                instance: "i-1".into(),
+                metric: "cpu".into(),
+                value: 0.5,
+                unit: None,
+                ts: RawTimestamp::Int(1_700_000_000),
+                labels: BTreeMap::new(),
+            })
         );
     }
 
