@@ -228,13 +228,24 @@ pub fn produce(
         }
         counts.produced.store(sent, Ordering::Relaxed);
     }
+    // Wait for acknowledgements, but not forever once asked to stop: a dead broker must not
+    // make Ctrl-C useless. Only acknowledged records count as produced.
+    let mut waited = 0;
     while producer.flush(Duration::from_secs(1)).is_err() {
-        warn!("waiting for the broker to acknowledge synthetic telemetry");
-        if stop.load(Ordering::Relaxed) && producer.in_flight_count() == 0 {
+        warn!(
+            in_flight = producer.in_flight_count(),
+            "waiting for the broker to acknowledge synthetic telemetry"
+        );
+        waited += 1;
+        if stop.load(Ordering::Relaxed) && waited >= 30 {
+            warn!("giving up on unacknowledged synthetic telemetry");
             break;
         }
     }
-    counts.produced.store(sent, Ordering::Relaxed);
+    let unacknowledged = u64::try_from(producer.in_flight_count()).unwrap_or(0);
+    counts
+        .produced
+        .store(sent - unacknowledged.min(sent), Ordering::Relaxed);
     Ok(())
 }
 
