@@ -191,6 +191,18 @@ impl Metrics {
         }
     }
 
+    /// Creates a stage's rejection counters at zero, one per reason it can give, so
+    /// dashboards and `rate()` see every reason from the start, not from its first occurrence.
+    pub fn declare_reasons(&self, stage: &str, reasons: &[&str]) {
+        for reason in reasons {
+            let label = ReasonLabel {
+                stage: stage.to_string(),
+                reason: (*reason).to_string(),
+            };
+            self.records_rejected.get_or_create(&label).inc_by(0);
+        }
+    }
+
     /// Records an acknowledged batch.
     pub fn record_batch(
         &self,
@@ -274,6 +286,17 @@ pub async fn serve_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn declared_reasons_appear_at_zero_before_they_happen() {
+        let m = Metrics::new();
+        m.declare_reasons("filter", &["outlier", "malformed"]);
+        let page = m.encode();
+        assert!(
+            page.contains("ebb_records_rejected_total{stage=\"filter\",reason=\"outlier\"} 0"),
+            "{page}"
+        );
+    }
 
     #[test]
     fn batch_counts_reach_both_the_page_and_the_summary() {

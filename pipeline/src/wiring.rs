@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::runner::{AvroSupport, RunContext};
 use crate::schemas;
-use crate::stages::filter::{FilterStage, CLEAN};
+use crate::stages::filter::{FilterStage, CLEAN, REASONS};
 
 /// The HMAC key for anonymisation: `EBB_ANON_KEY` / `filter.anonymize.key`, or else a random
 /// per-process key (with a warning, since pseudonyms then change on restart).
@@ -53,6 +53,7 @@ pub fn filter(
     shutdown: Arc<AtomicBool>,
     handle: tokio::runtime::Handle,
 ) -> Result<(FilterStage, RunContext), RegistryError> {
+    metrics.declare_reasons("filter", REASONS);
     let cache = SchemaCache::default();
     let avro = registry(config)?.map(|registry| AvroSupport {
         registry,

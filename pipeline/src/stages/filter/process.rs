@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use chrono_tz::Tz;
-use ebb_udf_core::{Anonymizer, TimeError};
+use ebb_udf_core::Anonymizer;
 
 use super::config::{FilterConfig, IpMode};
 use super::outliers::{OutlierDetector, Verdict};
@@ -191,13 +191,8 @@ impl FilterStage {
     }
 
     fn check_time(&self, s: &TelemetrySample) -> Result<DateTime<Utc>, Reject> {
-        let ts =
-            ebb_udf_core::parse_timestamp(&s.ts.as_input(), self.zone).map_err(|e| match e {
-                TimeError::NonexistentLocalTime { .. } => {
-                    reject("invalid_timestamp", e.to_string())
-                }
-                other => reject("invalid_timestamp", other.to_string()),
-            })?;
+        let ts = ebb_udf_core::parse_timestamp(&s.ts.as_input(), self.zone)
+            .map_err(|e| reject("invalid_timestamp", e.to_string()))?;
         if self.now.signed_duration_since(ts) > self.max_age {
             return Err(reject(
                 "too_old",

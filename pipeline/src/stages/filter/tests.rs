@@ -217,6 +217,10 @@ fn each_kind_of_bad_input_gets_its_reason() {
     ];
     for (payload, want) in cases {
         let got = reason_of(&mut s, &payload);
+        assert!(
+            super::REASONS.contains(&got),
+            "{got} is missing from REASONS"
+        );
         assert_eq!(
             got,
             want,
