@@ -21,5 +21,11 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test (mock cluster and real Kafka at $EBB_TEST_BROKERS, registry $EBB_TEST_REGISTRY)"
 cargo test --workspace
+echo "== Arroyo UDF plugins (own workspace, arrow 51): build each cdylib, call it through the ABI"
+arroyo=(--manifest-path udfs/arroyo/Cargo.toml)
+cargo fmt "${arroyo[@]}" --all -- --check
+cargo build "${arroyo[@]}" --workspace
+cargo clippy "${arroyo[@]}" --workspace --all-targets -- -D warnings
+cargo test "${arroyo[@]}" --workspace
 echo "== docker-compose.yml"
 python3 compose/check_compose.py compose/docker-compose.yml

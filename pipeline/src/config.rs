@@ -10,7 +10,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::demo::DemoConfig;
+use crate::sql::SqlConfig;
 use crate::stages::filter::FilterConfig;
+use crate::stages::window::WindowConfig;
 
 /// A configuration problem, always naming the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +83,10 @@ pub struct Config {
     pub runner: RunnerConfig,
     /// The filter stage.
     pub filter: FilterConfig,
+    /// The window stage and its store.
+    pub window: WindowConfig,
+    /// SQL over the store: `ebb sql`, `POST /sql`, the PostgreSQL protocol.
+    pub sql: SqlConfig,
     /// `ebb demo` and its synthetic telemetry.
     pub demo: DemoConfig,
 }
@@ -97,6 +103,8 @@ impl Default for Config {
             http: HttpConfig::default(),
             runner: RunnerConfig::default(),
             filter: FilterConfig::default(),
+            window: WindowConfig::default(),
+            sql: SqlConfig::default(),
             demo: DemoConfig::default(),
         }
     }
@@ -137,6 +145,10 @@ pub struct TopicsConfig {
     pub clean: String,
     /// Dead letters. Default `telemetry.dead-letter`.
     pub dead_letter: String,
+    /// Records after their window's grace. Default `telemetry.late`.
+    pub late: String,
+    /// Window aggregates. Default `aggregates`.
+    pub aggregates: String,
 }
 
 impl Default for TopicsConfig {
@@ -146,6 +158,8 @@ impl Default for TopicsConfig {
             raw: "telemetry.raw".into(),
             clean: "telemetry.clean".into(),
             dead_letter: "telemetry.dead-letter".into(),
+            late: "telemetry.late".into(),
+            aggregates: "aggregates".into(),
         }
     }
 }
@@ -241,8 +255,8 @@ impl Config {
         Ok(config)
     }
 
-    /// Applies `EBB_BROKERS`, `EBB_REGISTRY_URL`, `EBB_ANON_KEY`, `EBB_TOPIC_PREFIX` and
-    /// `EBB_HTTP_LISTEN`.
+    /// Applies `EBB_BROKERS`, `EBB_REGISTRY_URL`, `EBB_ANON_KEY`, `EBB_TOPIC_PREFIX`,
+    /// `EBB_HTTP_LISTEN` and `EBB_PG_LISTEN`.
     pub fn apply_env(&mut self, env: Env<'_>) {
         if let Some(v) = env("EBB_BROKERS") {
             self.kafka.insert("bootstrap.servers".into(), v);
@@ -258,6 +272,9 @@ impl Config {
         }
         if let Some(v) = env("EBB_HTTP_LISTEN") {
             self.http.listen = v;
+        }
+        if let Some(v) = env("EBB_PG_LISTEN") {
+            self.sql.pg_listen = v;
         }
     }
 
@@ -290,6 +307,8 @@ impl Config {
             ("topics.raw", &self.topics.raw),
             ("topics.clean", &self.topics.clean),
             ("topics.dead_letter", &self.topics.dead_letter),
+            ("topics.late", &self.topics.late),
+            ("topics.aggregates", &self.topics.aggregates),
         ] {
             let full = self.topics.name(name);
             if full.is_empty()
@@ -320,6 +339,8 @@ impl Config {
             return bad("runner.poll_timeout", "must be positive");
         }
         self.filter.validate()?;
+        self.window.validate()?;
+        self.sql.validate()?;
         self.demo.validate()?;
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! [`runner`] wires any stage to Kafka, and `ebb demo` and replay drive the same values.
 
 pub mod bench;
+pub mod bench_window;
 pub mod clock;
 pub mod codec;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod metrics;
 pub mod record;
 pub mod runner;
 pub mod schemas;
+pub mod sql;
 pub mod stage;
 pub mod stages;
 pub mod topics;

@@ -96,6 +96,17 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Query the windows of a running `ebb demo` or `ebb run` with SQL (read-only).
+    Sql {
+        /// The query, e.g. "SELECT service, window_start, p95 FROM windows LIMIT 5".
+        query: String,
+        /// The ebb HTTP endpoint [default: http://<http.listen>, i.e. http://127.0.0.1:9470].
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = SqlFormat::Table)]
+        format: SqlFormat,
+    },
     /// Benchmarks that print figures.
     Bench {
         #[command(subcommand)]
@@ -103,10 +114,12 @@ enum Command {
     },
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug)]
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum StageName {
     /// The filter stage.
     Filter,
+    /// The window stage (and SQL over its windows).
+    Window,
     /// Every stage built so far, in one process.
     All,
 }
@@ -117,6 +130,16 @@ enum FormatArg {
     Json,
     /// Avro in the Confluent wire format (needs --registry).
     Avro,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum SqlFormat {
+    /// An aligned text table.
+    Table,
+    /// CSV with a header line.
+    Csv,
+    /// The server's JSON answer (columns, rows, row_count, truncated).
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -147,6 +170,18 @@ enum ConfigAction {
 
 #[derive(Subcommand, Debug)]
 enum BenchWhat {
+    /// Window aggregation rate for many series, and DuckDB's rate on the same Arrow data.
+    Window {
+        /// Distinct (service, metric) series.
+        #[arg(long, default_value_t = 10_000)]
+        series: u64,
+        /// Samples in all.
+        #[arg(long, default_value_t = 2_000_000)]
+        records: u64,
+        /// Python with the duckdb and pyarrow packages (compose/bench.sh window sets one up).
+        #[arg(long, value_name = "PATH")]
+        python: Option<PathBuf>,
+    },
     /// Filter throughput in-process (JSON, Avro) and through a broker vs raw consume.
     Filter {
         /// Records per measurement.
@@ -253,9 +288,12 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 config.http.listen = h;
                 config.validate()?;
             }
-            match stage {
-                StageName::Filter | StageName::All => run_filter(config).await,
-            }
+            let stages: &[StageName] = match stage {
+                StageName::All => &[StageName::Filter, StageName::Window],
+                StageName::Filter => &[StageName::Filter],
+                StageName::Window => &[StageName::Window],
+            };
+            run_stages(config, stages).await
         }
         Command::Produce {
             synthetic,
@@ -317,11 +355,58 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Sql { query, url, format } => {
+            let url = url.unwrap_or_else(|| format!("http://{}", config.http.listen));
+            sql_client(&url, &query, format).await
+        }
         Command::Config {
             action: ConfigAction::Check,
         } => {
             println!("{config:#?}");
             println!("config ok");
+            Ok(())
+        }
+        Command::Bench {
+            what:
+                BenchWhat::Window {
+                    series,
+                    records,
+                    python,
+                },
+        } => {
+            let f = tokio::task::spawn_blocking(move || {
+                ebb::bench_window::window(series, records, python.as_deref())
+            })
+            .await??;
+            println!(
+                "window benchmark: {} series, {} samples, {} s tumbling windows, one core",
+                f.series, f.records, f.window_s
+            );
+            println!(
+                "  ebb window stage (buffer + watermark + DataFusion)  {:>12.0} records/s  ({} windows)",
+                f.ebb_records_per_s, f.windows
+            );
+            match (f.duckdb_records_per_s, f.ratio) {
+                (Some(d), Some(r)) => {
+                    println!(
+                        "  DuckDB, same aggregates, one thread, batch query  {d:>12.0} records/s"
+                    );
+                    println!("  ebb / DuckDB                                      {r:>12.2}x");
+                }
+                _ => println!(
+                    "  DuckDB: {}",
+                    f.duckdb_error.as_deref().unwrap_or("not run")
+                ),
+            }
+            println!(
+                "  memory per open series beyond buffered samples    {:>12.0} bytes",
+                f.bytes_per_open_series
+            );
+            println!(
+                "  memory per buffered sample                        {:>12.0} bytes",
+                f.bytes_per_buffered_record
+            );
+            println!("{}", serde_json::to_string(&f)?);
             Ok(())
         }
         Command::Bench {
@@ -361,7 +446,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-async fn run_filter(config: Config) -> Result<()> {
+/// Runs `stages` against the configured cluster, each on its own thread, until a signal
+/// or until one of them stops.
+async fn run_stages(config: Config, stages: &[StageName]) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -371,41 +458,152 @@ async fn run_filter(config: Config) -> Result<()> {
             config.http.listen
         )
     })?;
-    let http = listener.map(|l| wiring::serve_http(l, metrics.clone()));
     let key = wiring::anonymization_key(&config, rand::random);
-    let (stage, ctx) = wiring::filter(
-        &config,
-        &key,
-        metrics,
-        clock,
-        shutdown.clone(),
-        tokio::runtime::Handle::current(),
-    )?;
-    let worker = std::thread::Builder::new()
-        .name("filter".into())
-        .spawn(move || runner::run(stage, ctx))?;
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let waiter = tokio::task::spawn_blocking(move || {
-        let r = worker.join();
-        let _ = done_tx.send(());
-        r
-    });
+    let handle = tokio::runtime::Handle::current();
+    let has_window = stages.contains(&StageName::Window);
+    let (store, engine) = if has_window {
+        let (store, engine) = wiring::sql(&config, Some(&key))?;
+        (Some(store), Some(engine))
+    } else {
+        (None, None)
+    };
+    let _pg = match (&engine, config.sql.pg_enabled) {
+        (Some(engine), true) => {
+            let addr = config.sql.pg_listen.parse()?;
+            Some(
+                ebb::sql::pg::serve(engine.clone(), addr)
+                    .await
+                    .with_context(|| format!("sql.pg_listen {addr}: cannot listen"))?,
+            )
+        }
+        _ => None,
+    };
+    let http = listener.map(|l| wiring::serve_http(l, metrics.clone(), engine.clone()));
+    let mut workers = Vec::new();
+    for stage in stages {
+        let worker = match stage {
+            StageName::Filter => {
+                let (stage, ctx) = wiring::filter(
+                    &config,
+                    &key,
+                    metrics.clone(),
+                    clock.clone(),
+                    shutdown.clone(),
+                    handle.clone(),
+                )?;
+                std::thread::Builder::new()
+                    .name("filter".into())
+                    .spawn(move || runner::run(stage, ctx))?
+            }
+            StageName::Window => {
+                let (stage, ctx) = wiring::window(
+                    &config,
+                    metrics.clone(),
+                    clock.clone(),
+                    shutdown.clone(),
+                    handle.clone(),
+                    store.clone(),
+                )?;
+                std::thread::Builder::new()
+                    .name("window".into())
+                    .spawn(move || runner::run(stage, ctx))?
+            }
+            StageName::All => continue,
+        };
+        workers.push((*stage, worker));
+    }
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(workers.len().max(1));
+    let mut waiters = Vec::new();
+    for (name, worker) in workers {
+        let done = done_tx.clone();
+        waiters.push(tokio::task::spawn_blocking(move || {
+            let r = worker.join();
+            let _ = done.try_send(());
+            (name, r)
+        }));
+    }
     tokio::select! {
-        () = shutdown_signal() => info!("stopping: finishing the batch in flight and committing"),
-        _ = done_rx => {},
+        () = shutdown_signal() => info!("stopping: finishing the batches in flight and committing"),
+        _ = done_rx.recv() => {},
     }
     shutdown.store(true, Ordering::Relaxed);
-    let result = waiter
-        .await?
-        .map_err(|_| anyhow::anyhow!("the filter thread panicked"))?;
+    let mut failed = None;
+    for w in waiters {
+        let (name, joined) = w.await?;
+        match joined {
+            Err(_) => failed = Some(anyhow::anyhow!("the {name:?} thread panicked")),
+            Ok(Err(e)) => failed = Some(anyhow::anyhow!("{name:?}: {e}")),
+            Ok(Ok(summary)) => info!(
+                stage = ?name,
+                consumed = summary.consumed,
+                emitted = summary.emitted,
+                dead_lettered = summary.dead_lettered,
+                "stage stopped"
+            ),
+        }
+    }
     drop(http);
-    let summary = result?;
-    info!(
-        consumed = summary.consumed,
-        emitted = summary.emitted,
-        dead_lettered = summary.dead_lettered,
-        "filter stopped"
-    );
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// `ebb sql`: posts the query and prints the answer.
+async fn sql_client(url: &str, query: &str, format: SqlFormat) -> Result<()> {
+    let endpoint = format!("{}/sql", url.trim_end_matches('/'));
+    let wire = match format {
+        SqlFormat::Table => "arrow",
+        SqlFormat::Csv => "csv",
+        SqlFormat::Json => "json",
+    };
+    let response = reqwest::Client::new()
+        .post(format!("{endpoint}?format={wire}"))
+        .header("content-type", "text/plain")
+        .body(query.to_string())
+        .timeout(Duration::from_secs(300))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {endpoint}: is `ebb demo` or `ebb run` up?"))?;
+    let status = response.status();
+    let truncated = response
+        .headers()
+        .get("x-ebb-truncated")
+        .is_some_and(|v| v.as_bytes() == b"true");
+    let body = response.bytes().await?;
+    if !status.is_success() {
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(String::from))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        bail!("{message}");
+    }
+    let mut stdout = std::io::stdout();
+    match format {
+        SqlFormat::Csv | SqlFormat::Json => {
+            stdout.write_all(&body)?;
+            if !body.ends_with(b"\n") {
+                writeln!(stdout)?;
+            }
+        }
+        SqlFormat::Table => {
+            let reader = datafusion::arrow::ipc::reader::StreamReader::try_new(
+                std::io::Cursor::new(body.to_vec()),
+                None,
+            )?;
+            let batches = reader.collect::<Result<Vec<_>, _>>()?;
+            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+            writeln!(
+                stdout,
+                "{}",
+                datafusion::arrow::util::pretty::pretty_format_batches(&batches)?
+            )?;
+            writeln!(stdout, "({rows} row{})", if rows == 1 { "" } else { "s" })?;
+        }
+    }
+    if truncated {
+        eprintln!("ebb: result cut at sql.max_rows");
+    }
     Ok(())
 }
 

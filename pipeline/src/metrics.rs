@@ -66,11 +66,21 @@ pub struct StageCounts {
     pub records_in: AtomicU64,
     /// Records emitted to outputs (acknowledged).
     pub records_out: AtomicU64,
+    /// Records emitted, by output name (acknowledged).
+    pub by_output: Mutex<BTreeMap<String, u64>>,
     /// Dead letters by reason (acknowledged).
     pub dead_lettered: Mutex<BTreeMap<String, u64>>,
 }
 
 impl StageCounts {
+    /// Records emitted to `output` so far.
+    pub fn output(&self, output: &str) -> u64 {
+        self.by_output
+            .lock()
+            .map(|m| m.get(output).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
     /// Total dead letters.
     pub fn dead_lettered_total(&self) -> u64 {
         self.dead_lettered
@@ -225,6 +235,9 @@ impl Metrics {
                 })
                 .inc_by(*n);
             counts.records_out.fetch_add(*n, Ordering::Relaxed);
+            if let Ok(mut m) = counts.by_output.lock() {
+                *m.entry((*output).to_string()).or_default() += n;
+            }
         }
         if let Ok(mut by_reason) = counts.dead_lettered.lock() {
             for (reason, n) in rejected {

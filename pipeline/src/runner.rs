@@ -25,7 +25,7 @@ use crate::codec::registry::{Registry, RegistryError};
 use crate::codec::{confluent_schema_id, SchemaCache};
 use crate::config::RunnerConfig;
 use crate::metrics::{Metrics, PartitionLabel, StageLabel};
-use crate::stage::{DeadLetter, Emitter, Input, Output, Source, Stage};
+use crate::stage::{Checkpoint, DeadLetter, Emitter, Input, Output, Restore, Source, Stage};
 
 /// Why a runner stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +129,23 @@ pub fn set_default(c: &mut ClientConfig, key: &str, value: &str) {
 struct ConsumerCtx {
     stage: &'static str,
     metrics: Arc<Metrics>,
+    /// Partitions assigned or revoked since the loop last looked, for the stage to hear of
+    /// before it sees any record of theirs.
+    rebalances: Mutex<Vec<PartitionEvent>>,
+}
+
+/// A partition given to, or taken from, this consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PartitionEvent {
+    Assigned(String, i32),
+    Revoked(String, i32),
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
 }
 
 impl ClientContext for ConsumerCtx {
@@ -154,6 +171,13 @@ impl ClientContext for ConsumerCtx {
 impl ConsumerContext for ConsumerCtx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
+            if let Ok(mut q) = self.rebalances.lock() {
+                q.extend(
+                    partitions_of(tpl)
+                        .into_iter()
+                        .map(|(t, p)| PartitionEvent::Revoked(t, p)),
+                );
+            }
             // Offsets stored so far belong to acknowledged batches: commit them before the
             // partitions move, so the next owner starts where this one stopped.
             match consumer.commit_consumer_state(CommitMode::Sync) {
@@ -170,6 +194,13 @@ impl ConsumerContext for ConsumerCtx {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            if let Ok(mut q) = self.rebalances.lock() {
+                q.extend(
+                    partitions_of(tpl)
+                        .into_iter()
+                        .map(|(t, p)| PartitionEvent::Assigned(t, p)),
+                );
+            }
             info!(
                 stage = self.stage,
                 partitions = tpl.count(),
@@ -306,14 +337,46 @@ fn send(producer: &BaseProducer<DeliveryCtx>, r: &Outgoing, tracker: &Arc<Tracke
     }
 }
 
+/// One consumed record waiting for its outputs, and the stage's checkpoint after it.
+type Entry = (i64, Arc<Tracker>, Option<Checkpoint>);
+
 /// Records of one partition waiting for their outputs, in consumption order.
-type Waiting = VecDeque<(i64, Arc<Tracker>)>;
+type Waiting = VecDeque<Entry>;
+
+/// The commit position of one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Position {
+    topic: String,
+    partition: i32,
+    /// Next offset to consume, as far as acknowledged outputs go.
+    next: i64,
+    /// The stage's checkpoint at `next`, if it keeps state.
+    checkpoint: Option<Checkpoint>,
+}
+
+impl Position {
+    /// The offset to commit (a stateful stage may need older records again) and the
+    /// metadata that tells the next owner what was already done.
+    fn commit(&self) -> (i64, Option<String>) {
+        match self.checkpoint {
+            None => (self.next, None),
+            Some(c) => {
+                let processed = c.processed_until.map_or(self.next, |p| p.max(self.next));
+                let offset = c.replay_from.map_or(self.next, |r| r.min(self.next));
+                (
+                    offset,
+                    Some(Restore::to_metadata(processed, c.watermark_ms)),
+                )
+            }
+        }
+    }
+}
 
 /// What one `advance` released.
 #[derive(Default)]
 struct Advanced {
-    /// (topic, partition, next offset to consume) for each partition that moved.
-    offsets: Vec<(String, i32, i64)>,
+    /// The new position of each partition that moved.
+    offsets: Vec<Position>,
     /// Trackers of the records now fully acknowledged.
     done: Vec<Arc<Tracker>>,
 }
@@ -326,12 +389,26 @@ struct Pending {
 }
 
 impl Pending {
-    fn push(&mut self, topic: &str, partition: i32, offset: i64, tracker: Arc<Tracker>) {
+    fn push(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        tracker: Arc<Tracker>,
+        checkpoint: Option<Checkpoint>,
+    ) {
         self.partitions
             .entry((topic.to_string(), partition))
             .or_default()
-            .push_back((offset, tracker));
+            .push_back((offset, tracker, checkpoint));
         self.count += 1;
+    }
+
+    /// Forgets a revoked partition: its records are the new owner's to re-read.
+    fn drop_partition(&mut self, topic: &str, partition: i32) {
+        if let Some(q) = self.partitions.remove(&(topic.to_string(), partition)) {
+            self.count -= q.len();
+        }
     }
 
     /// Pops every fully delivered prefix: the next offset to commit per partition, and the
@@ -342,15 +419,20 @@ impl Pending {
             let mut next = None;
             while queue
                 .front()
-                .is_some_and(|(_, t)| t.remaining.load(Ordering::Acquire) == 0)
+                .is_some_and(|(_, t, _)| t.remaining.load(Ordering::Acquire) == 0)
             {
-                if let Some((offset, t)) = queue.pop_front() {
-                    next = Some(offset + 1);
+                if let Some((offset, t, checkpoint)) = queue.pop_front() {
+                    next = Some((offset + 1, checkpoint));
                     out.done.push(t);
                 }
             }
-            if let Some(next) = next {
-                out.offsets.push((topic.clone(), *partition, next));
+            if let Some((next, checkpoint)) = next {
+                out.offsets.push(Position {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    next,
+                    checkpoint,
+                });
             }
         }
         self.count -= out.done.len();
@@ -375,6 +457,7 @@ pub fn run<S: Stage>(mut stage: S, ctx: RunContext) -> Result<RunSummary, Runner
     let consumer: BaseConsumer<ConsumerCtx> = cc.create_with_context(ConsumerCtx {
         stage: name,
         metrics: ctx.metrics.clone(),
+        rebalances: Mutex::new(Vec::new()),
     })?;
     consumer.subscribe(&[&ctx.input_topic])?;
     let mut pc = client_config(&ctx.kafka);
@@ -419,7 +502,11 @@ pub fn run<S: Stage>(mut stage: S, ctx: RunContext) -> Result<RunSummary, Runner
         while consumed < ctx.settings.batch_size
             && loop_state.pending.count < ctx.settings.max_in_flight
         {
-            let Some(polled) = consumer.poll(timeout) else {
+            let polled = consumer.poll(timeout);
+            // A rebalance happens inside poll: tell the stage before it sees a record of a
+            // partition it was just given.
+            handle_rebalances(&consumer, &mut stage, &mut loop_state.pending, &ctx);
+            let Some(polled) = polled else {
                 break;
             };
             timeout = Duration::ZERO;
@@ -459,9 +546,14 @@ pub fn run<S: Stage>(mut stage: S, ctx: RunContext) -> Result<RunSummary, Runner
             for r in &records {
                 send(&producer, r, &tracker);
             }
-            loop_state
-                .pending
-                .push(msg.topic(), msg.partition(), msg.offset(), tracker);
+            let checkpoint = stage.checkpoint(msg.partition());
+            loop_state.pending.push(
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+                tracker,
+                checkpoint,
+            );
             consumed += 1;
         }
         producer.poll(Duration::ZERO);
@@ -505,6 +597,62 @@ pub fn run<S: Stage>(mut stage: S, ctx: RunContext) -> Result<RunSummary, Runner
         "stage stopped"
     );
     Ok(loop_state.summary)
+}
+
+/// Tells the stage of partitions assigned or revoked in the last poll. An assigned
+/// partition's committed metadata is read back so a stateful stage knows what its previous
+/// owner already emitted.
+fn handle_rebalances<S: Stage>(
+    consumer: &BaseConsumer<ConsumerCtx>,
+    stage: &mut S,
+    pending: &mut Pending,
+    ctx: &RunContext,
+) {
+    let events: Vec<PartitionEvent> = consumer
+        .context()
+        .rebalances
+        .lock()
+        .map(|mut q| std::mem::take(&mut *q))
+        .unwrap_or_default();
+    if events.is_empty() {
+        return;
+    }
+    let mut assigned = TopicPartitionList::new();
+    for event in events {
+        match event {
+            PartitionEvent::Revoked(topic, partition) => {
+                pending.drop_partition(&topic, partition);
+                stage.revoked(partition);
+            }
+            PartitionEvent::Assigned(topic, partition) => {
+                assigned.add_partition(&topic, partition);
+            }
+        }
+    }
+    if assigned.count() == 0 {
+        return;
+    }
+    let committed = match consumer
+        .committed_offsets(assigned.clone(), ctx.settings.shutdown_timeout)
+    {
+        Ok(c) => c,
+        Err(e) => {
+            // Without the metadata the stage starts empty: windows already emitted may be
+            // emitted again (same ids), nothing is lost.
+            warn!(stage = stage.name(), error = %e, "committed offsets unreadable; rebuilding state from scratch");
+            assigned
+        }
+    };
+    for e in committed.elements() {
+        let restore = Restore::from_metadata(e.metadata());
+        debug!(
+            stage = stage.name(),
+            partition = e.partition(),
+            ?restore,
+            "partition assigned"
+        );
+        stage.assigned(e.partition(), restore);
+    }
 }
 
 fn commit(consumer: &BaseConsumer<ConsumerCtx>, stage: &str) {
@@ -594,9 +742,14 @@ impl Loop {
         let Advanced { offsets, done } = self.pending.advance();
         if !offsets.is_empty() {
             let mut tpl = TopicPartitionList::new();
-            for (topic, partition, next) in &offsets {
-                if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+            for position in &offsets {
+                let (offset, metadata) = position.commit();
+                let mut elem = tpl.add_partition(&position.topic, position.partition);
+                if let Err(e) = elem.set_offset(Offset::Offset(offset)) {
                     warn!(stage = %label.stage, error = %e, "cannot record offset");
+                }
+                if let Some(m) = metadata {
+                    elem.set_metadata(m);
                 }
             }
             // Fails only for partitions revoked meanwhile; the new owner reads those records
@@ -727,14 +880,20 @@ mod tests {
     fn offsets_advance_only_over_a_fully_acknowledged_prefix() {
         let mut p = Pending::default();
         let (a, b, c) = (tracker(1), tracker(2), tracker(0));
-        p.push("raw", 0, 10, a.clone());
-        p.push("raw", 0, 11, b.clone());
-        p.push("raw", 0, 12, c);
-        p.push("raw", 1, 5, tracker(0));
+        p.push("raw", 0, 10, a.clone(), None);
+        p.push("raw", 0, 11, b.clone(), None);
+        p.push("raw", 0, 12, c, None);
+        p.push("raw", 1, 5, tracker(0), None);
         let first = p.advance();
+        let at = |partition: i32, next: i64| Position {
+            topic: "raw".into(),
+            partition,
+            next,
+            checkpoint: None,
+        };
         assert_eq!(
             first.offsets,
-            vec![("raw".to_string(), 1, 6)],
+            vec![at(1, 6)],
             "partition 0 waits for offset 10"
         );
         assert_eq!(p.count, 3);
@@ -745,8 +904,49 @@ mod tests {
         );
         a.remaining.store(0, Ordering::Release);
         let last = p.advance();
-        assert_eq!(last.offsets, vec![("raw".to_string(), 0, 13)]);
+        assert_eq!(last.offsets, vec![at(0, 13)]);
         assert_eq!(last.done.len(), 3);
         assert_eq!(p.count, 0);
+    }
+
+    #[test]
+    fn a_stateful_stage_commits_its_oldest_open_record_with_the_processed_position() {
+        let checkpoint = Checkpoint {
+            replay_from: Some(40),
+            watermark_ms: 1_000,
+            processed_until: None,
+        };
+        let position = Position {
+            topic: "clean".into(),
+            partition: 0,
+            next: 57,
+            checkpoint: Some(checkpoint),
+        };
+        let (offset, meta) = position.commit();
+        assert_eq!(offset, 40);
+        assert_eq!(
+            meta.as_deref().and_then(Restore::from_metadata),
+            Some(Restore {
+                processed_until: 57,
+                watermark_ms: 1_000
+            })
+        );
+        // Still rebuilding after a restart: the previous owner's position is kept, not lowered.
+        let rebuilding = Position {
+            next: 45,
+            checkpoint: Some(Checkpoint {
+                processed_until: Some(57),
+                ..checkpoint
+            }),
+            ..position
+        };
+        let (offset, meta) = rebuilding.commit();
+        assert_eq!(offset, 40);
+        assert_eq!(
+            meta.as_deref()
+                .and_then(Restore::from_metadata)
+                .map(|r| r.processed_until),
+            Some(57)
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! The Avro schemas in `schemas/`, and `ebb schemas register`.
 
-use crate::codec::avro::{CLEAN_KEY, CLEAN_SCHEMA, RAW_SCHEMA};
+use crate::codec::avro::{AGGREGATES_KEY, AGGREGATES_SCHEMA, CLEAN_KEY, CLEAN_SCHEMA, RAW_SCHEMA};
 use crate::codec::registry::{Registry, RegistryError};
 use crate::config::TopicsConfig;
 use crate::runner::OutputSchema;
@@ -34,7 +34,20 @@ pub fn topic_schemas(topics: &TopicsConfig) -> Vec<TopicSchema> {
             topic: topics.name(&topics.clean),
             schema: CLEAN_SCHEMA,
         },
+        TopicSchema {
+            topic: topics.name(&topics.aggregates),
+            schema: AGGREGATES_SCHEMA,
+        },
     ]
+}
+
+/// The window stage's output schema, for the runner to register.
+pub fn window_outputs(topics: &TopicsConfig) -> Vec<OutputSchema> {
+    vec![OutputSchema {
+        key: AGGREGATES_KEY,
+        subject: format!("{}-value", topics.name(&topics.aggregates)),
+        schema: AGGREGATES_SCHEMA,
+    }]
 }
 
 /// The filter's output schema, for the runner to register.
@@ -112,7 +125,11 @@ mod tests {
             .collect();
         assert_eq!(
             subjects,
-            vec!["x.telemetry.raw-value", "x.telemetry.clean-value"]
+            vec![
+                "x.telemetry.raw-value",
+                "x.telemetry.clean-value",
+                "x.aggregates-value"
+            ]
         );
     }
 }

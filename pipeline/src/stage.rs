@@ -130,6 +130,54 @@ impl Emitter {
     }
 }
 
+/// Where a stateful stage needs a partition re-read from, and the watermark its state had,
+/// as of the records processed so far. The runner commits `replay_from` (not the processed
+/// position) and hands both back through [`Restore`] after a restart or rebalance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Oldest offset still needed to rebuild open state; `None` when nothing is open.
+    pub replay_from: Option<i64>,
+    /// The stage's event-time watermark on the partition, epoch milliseconds.
+    pub watermark_ms: i64,
+    /// While the stage is still re-reading what a previous owner processed, that owner's
+    /// position: the runner keeps it in the commit rather than writing a smaller one.
+    pub processed_until: Option<i64>,
+}
+
+/// What a stage is told when it is given a partition that was checkpointed before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restore {
+    /// Records before this offset were processed (and their outputs acknowledged) by the
+    /// previous owner; they are read again only to rebuild state, never to emit anew.
+    pub processed_until: i64,
+    /// The watermark the previous owner had reached at `processed_until`.
+    pub watermark_ms: i64,
+}
+
+impl Restore {
+    /// The offset-commit metadata that carries a checkpoint.
+    pub fn to_metadata(processed_until: i64, watermark_ms: i64) -> String {
+        format!("ebb.v1;next={processed_until};wm={watermark_ms}")
+    }
+
+    /// Reads commit metadata written by [`Restore::to_metadata`]; `None` for anything else.
+    pub fn from_metadata(text: &str) -> Option<Self> {
+        let rest = text.strip_prefix("ebb.v1;")?;
+        let (mut next, mut wm) = (None, None);
+        for part in rest.split(';') {
+            match part.split_once('=') {
+                Some(("next", v)) => next = v.parse().ok(),
+                Some(("wm", v)) => wm = v.parse().ok(),
+                _ => {}
+            }
+        }
+        Some(Self {
+            processed_until: next?,
+            watermark_ms: wm?,
+        })
+    }
+}
+
 /// A pipeline stage.
 pub trait Stage {
     /// The stage's name, as in `ebb run <name>`, metrics labels and the `ebb.stage` header.
@@ -140,4 +188,36 @@ pub trait Stage {
 
     /// Time moved on to `now` (wall time from the runner, simulated time in replay).
     fn on_time(&mut self, _now: DateTime<Utc>, _out: &mut Emitter) {}
+
+    /// For stateful stages: what must be re-read of `partition` to rebuild the state held
+    /// now. Stateless stages keep the default (`None`): commit at the processed position.
+    fn checkpoint(&self, _partition: i32) -> Option<Checkpoint> {
+        None
+    }
+
+    /// `partition` is now this stage's; `restore` is what its previous owner checkpointed.
+    fn assigned(&mut self, _partition: i32, _restore: Option<Restore>) {}
+
+    /// `partition` is no longer this stage's: drop its state.
+    fn revoked(&mut self, _partition: i32) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_metadata_round_trips_and_ignores_foreign_text() {
+        let text = Restore::to_metadata(42, -7);
+        assert_eq!(
+            Restore::from_metadata(&text),
+            Some(Restore {
+                processed_until: 42,
+                watermark_ms: -7
+            })
+        );
+        assert_eq!(Restore::from_metadata(""), None);
+        assert_eq!(Restore::from_metadata("ebb.v1;next=1"), None);
+        assert_eq!(Restore::from_metadata("someone else's"), None);
+    }
 }

@@ -84,6 +84,8 @@ pub fn resolve(specs: &[TopicSpec], topics: &TopicsConfig) -> Vec<TopicSpec> {
                 Some("raw") => topics.raw.as_str(),
                 Some("clean") => topics.clean.as_str(),
                 Some("dead_letter") => topics.dead_letter.as_str(),
+                Some("late") => topics.late.as_str(),
+                Some("aggregates") => topics.aggregates.as_str(),
                 _ => t.name.as_str(),
             };
             TopicSpec {

@@ -15,7 +15,22 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::runner::{AvroSupport, RunContext};
 use crate::schemas;
+use crate::sql::store::WindowStore;
+use crate::sql::SqlEngine;
 use crate::stages::filter::{FilterStage, CLEAN, REASONS};
+use crate::stages::window::aggregate::AggregateError;
+use crate::stages::window::{WindowStage, AGGREGATES, LATE};
+
+/// Why a stage could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum WiringError {
+    /// The registry URL is unusable.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// DataFusion could not start.
+    #[error(transparent)]
+    Aggregate(#[from] AggregateError),
+}
 
 /// The HMAC key for anonymisation: `EBB_ANON_KEY` / `filter.anonymize.key`, or else a random
 /// per-process key (with a warning, since pseudonyms then change on restart).
@@ -83,6 +98,59 @@ pub fn filter(
     Ok((stage, ctx))
 }
 
+/// The window stage and the context that wires it to Kafka. Closed windows also go to
+/// `store`, when given, for SQL.
+pub fn window(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    shutdown: Arc<AtomicBool>,
+    handle: tokio::runtime::Handle,
+    store: Option<Arc<WindowStore>>,
+) -> Result<(WindowStage, RunContext), WiringError> {
+    metrics.declare_reasons("window", crate::stages::window::REASONS);
+    let cache = SchemaCache::default();
+    let avro = registry(config)?.map(|registry| AvroSupport {
+        registry,
+        cache: cache.clone(),
+        outputs: schemas::window_outputs(&config.topics),
+        handle,
+    });
+    let stage = WindowStage::new(
+        config.window.clone(),
+        AvroCodec { schemas: cache },
+        store,
+        clock.now(),
+    )?;
+    let topics = &config.topics;
+    let ctx = RunContext {
+        kafka: config.kafka.clone(),
+        group_id: config.window.group_id.clone(),
+        input_topic: topics.name(&topics.clean),
+        outputs: HashMap::from([
+            (AGGREGATES, topics.name(&topics.aggregates)),
+            (LATE, topics.name(&topics.late)),
+        ]),
+        dead_letter_topic: topics.name(&topics.dead_letter),
+        settings: config.runner.clone(),
+        metrics,
+        clock,
+        shutdown,
+        avro,
+    };
+    Ok((stage, ctx))
+}
+
+/// The window store and the SQL engine over it.
+pub fn sql(
+    config: &Config,
+    anon_key: Option<&[u8]>,
+) -> Result<(Arc<WindowStore>, Arc<SqlEngine>), crate::sql::SqlError> {
+    let store = Arc::new(WindowStore::windows(config.window.store.clone()));
+    let engine = SqlEngine::new(&[store.clone()], anon_key, config.sql.clone())?;
+    Ok((store, Arc::new(engine)))
+}
+
 /// The HTTP endpoint, served until this is dropped.
 #[derive(Debug)]
 pub struct HttpServer {
@@ -96,12 +164,20 @@ impl Drop for HttpServer {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `listener` until the returned handle is dropped.
-pub fn serve_http(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> HttpServer {
+/// Serves `/metrics`, `/healthz` and, with an engine, `POST /sql` on `listener` until the
+/// returned handle is dropped.
+pub fn serve_http(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    sql: Option<Arc<SqlEngine>>,
+) -> HttpServer {
     let stop = Arc::new(tokio::sync::Notify::new());
     let notified = stop.clone();
     tokio::spawn(async move {
-        let router = crate::metrics::router(metrics);
+        let mut router = crate::metrics::router(metrics);
+        if let Some(engine) = sql {
+            router = router.merge(crate::sql::http::router(engine));
+        }
         if let Err(e) =
             crate::metrics::serve_on(listener, router, async move { notified.notified().await })
                 .await

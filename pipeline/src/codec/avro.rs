@@ -18,6 +18,26 @@ pub const RAW_SCHEMA: &str = include_str!("../../../schemas/telemetry.raw.avsc")
 /// The clean telemetry schema (`schemas/telemetry.clean.avsc`).
 pub const CLEAN_SCHEMA: &str = include_str!("../../../schemas/telemetry.clean.avsc");
 
+/// The window aggregate schema (`schemas/aggregates.avsc`).
+pub const AGGREGATES_SCHEMA: &str = include_str!("../../../schemas/aggregates.avsc");
+
+/// Schema key of window aggregates.
+pub const AGGREGATES_KEY: &str = "aggregates";
+
+static AGGREGATES: LazyLock<Result<Schema, String>> =
+    LazyLock::new(|| Schema::parse_str(AGGREGATES_SCHEMA).map_err(|e| e.to_string()));
+
+static AGGREGATES_WRITER: LazyLock<Result<GenericDatumWriter<'static>, String>> =
+    LazyLock::new(|| {
+        let schema = AGGREGATES
+            .as_ref()
+            .map_err(|e| format!("aggregates schema does not parse: {e}"))?;
+        GenericDatumWriter::builder(schema)
+            .validate(false)
+            .build()
+            .map_err(|e| e.to_string())
+    });
+
 static CLEAN: LazyLock<Result<Schema, String>> =
     LazyLock::new(|| Schema::parse_str(CLEAN_SCHEMA).map_err(|e| e.to_string()));
 
@@ -354,6 +374,109 @@ impl AvroCodec {
             .write_ser(&mut out, &record)
             .map_err(|e| EncodeError::Avro(e.to_string()))?;
         Ok(out)
+    }
+}
+
+/// A clean sample as the clean schema reads it.
+#[derive(serde::Deserialize)]
+#[serde(rename = "CleanSample")]
+struct CleanAvroOwned {
+    service: String,
+    instance: String,
+    metric: String,
+    value: f64,
+    #[serde(default)]
+    unit: Option<String>,
+    ts: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+impl AvroCodec {
+    /// Decodes a Confluent-framed clean sample (what the filter writes).
+    pub fn decode_clean(&self, payload: &[u8]) -> Result<CleanSample, DecodeError> {
+        let id = confluent_schema_id(payload).ok_or_else(|| DecodeError::Malformed {
+            format: "avro",
+            detail: format!(
+                "{} bytes is too short for the Confluent frame",
+                payload.len()
+            ),
+        })?;
+        let entry = match self.schemas.get(id) {
+            Some(Some(entry)) => entry,
+            Some(None) | None => return Err(DecodeError::UnknownSchemaId(id)),
+        };
+        let mut body = &payload[5..];
+        let c: CleanAvroOwned =
+            entry
+                .reader
+                .read_deser(&mut body)
+                .map_err(|e| DecodeError::Malformed {
+                    format: "avro",
+                    detail: e.to_string(),
+                })?;
+        let ts = chrono::DateTime::parse_from_rfc3339(&c.ts)
+            .map_err(|e| DecodeError::WrongType(format!("ts {:?}: {e}", c.ts)))?
+            .with_timezone(&chrono::Utc);
+        Ok(CleanSample {
+            service: c.service,
+            instance: c.instance,
+            metric: c.metric,
+            value: c.value,
+            unit: c.unit,
+            ts,
+            labels: c.labels,
+        })
+    }
+
+    /// Encodes a window aggregate under the registered aggregates schema.
+    pub fn encode_aggregate(
+        &self,
+        a: &crate::stages::window::WindowAggregate,
+    ) -> Result<Vec<u8>, EncodeError> {
+        let id = self
+            .schemas
+            .output_id(AGGREGATES_KEY)
+            .ok_or(EncodeError::NoSchemaId(AGGREGATES_KEY))?;
+        let writer = AGGREGATES_WRITER
+            .as_ref()
+            .map_err(|e| EncodeError::Avro(e.clone()))?;
+        let mut out = Vec::with_capacity(192);
+        out.push(CONFLUENT_MAGIC);
+        out.extend_from_slice(&id.to_be_bytes());
+        writer
+            .write_ser(&mut out, &AggregateAvro(a))
+            .map_err(|e| EncodeError::Avro(e.to_string()))?;
+        Ok(out)
+    }
+}
+
+/// Serialises an aggregate with its timestamps as longs (the JSON form writes RFC 3339).
+struct AggregateAvro<'a>(&'a crate::stages::window::WindowAggregate);
+
+impl serde::Serialize for AggregateAvro<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let a = self.0;
+        let mut r = s.serialize_struct("WindowAggregate", 17)?;
+        r.serialize_field("window_id", &a.window_id)?;
+        r.serialize_field("service", &a.service)?;
+        r.serialize_field("metric", &a.metric)?;
+        r.serialize_field("unit", &a.unit)?;
+        r.serialize_field("window_start", &a.window_start)?;
+        r.serialize_field("window_end", &a.window_end)?;
+        r.serialize_field("count", &a.count)?;
+        r.serialize_field("sum", &a.sum)?;
+        r.serialize_field("mean", &a.mean)?;
+        r.serialize_field("min", &a.min)?;
+        r.serialize_field("max", &a.max)?;
+        r.serialize_field("stddev", &a.stddev)?;
+        r.serialize_field("p50", &a.p50)?;
+        r.serialize_field("p95", &a.p95)?;
+        r.serialize_field("p99", &a.p99)?;
+        r.serialize_field("rate", &a.rate)?;
+        r.serialize_field("instances", &a.instances)?;
+        r.end()
     }
 }
 

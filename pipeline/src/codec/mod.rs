@@ -99,6 +99,9 @@ pub enum EncodeError {
     /// The clean schema has no registry id yet (no registry configured or not reachable).
     #[error("the clean telemetry schema has no registry id: is [registry] url set and reachable?")]
     NoCleanSchemaId,
+    /// An output schema was never registered.
+    #[error("the {0} schema has no registry id: is [registry] url set and reachable?")]
+    NoSchemaId(&'static str),
 }
 
 /// Decodes a raw telemetry payload in whichever format it is in.
@@ -109,6 +112,20 @@ pub fn decode_sample(
     match Format::detect(payload) {
         Some(Format::Json) => json::decode_sample(payload).map(|s| (Format::Json, s)),
         Some(Format::Avro) => avro.decode_sample(payload).map(|s| (Format::Avro, s)),
+        None => Err(DecodeError::UnknownFormat(
+            payload.first().copied().unwrap_or(0),
+        )),
+    }
+}
+
+/// Decodes a clean telemetry payload (what the filter writes) in whichever format it is in.
+pub fn decode_clean(
+    payload: &[u8],
+    avro: &AvroCodec,
+) -> Result<(Format, CleanSample), DecodeError> {
+    match Format::detect(payload) {
+        Some(Format::Json) => json::decode_clean(payload).map(|s| (Format::Json, s)),
+        Some(Format::Avro) => avro.decode_clean(payload).map(|s| (Format::Avro, s)),
         None => Err(DecodeError::UnknownFormat(
             payload.first().copied().unwrap_or(0),
         )),

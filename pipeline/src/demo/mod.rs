@@ -106,6 +106,12 @@ pub enum DemoError {
     /// Registry settings.
     #[error(transparent)]
     Registry(#[from] crate::codec::registry::RegistryError),
+    /// A stage could not be assembled.
+    #[error(transparent)]
+    Wiring(#[from] crate::wiring::WiringError),
+    /// The SQL engine could not start.
+    #[error(transparent)]
+    Sql(#[from] crate::sql::SqlError),
     /// A thread panicked.
     #[error("a pipeline thread panicked")]
     Panicked,
@@ -125,6 +131,10 @@ pub struct DemoReport {
     pub produced: u64,
     /// Bad records the generator injected, by the reason the filter should give.
     pub injected: BTreeMap<String, u64>,
+    /// Window aggregates the window stage emitted.
+    pub windows: u64,
+    /// Records that arrived after their window closed (sent to the late topic).
+    pub late: u64,
     /// Wall time the demo ran.
     pub duration_s: f64,
 }
@@ -275,15 +285,29 @@ pub async fn run(
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let shutdown = Arc::new(AtomicBool::new(false));
     let stop_generator = Arc::new(AtomicBool::new(false));
+    let key = wiring::anonymization_key(&config, rand::random);
+    let (store, engine) = wiring::sql(&config, Some(&key))?;
     let http = match wiring::bind_http(&config).await {
-        Ok(listener) => listener.map(|l| wiring::serve_http(l, metrics.clone())),
+        Ok(listener) => {
+            listener.map(|l| wiring::serve_http(l, metrics.clone(), Some(engine.clone())))
+        }
         Err(e) => {
             warn!(error = %e, listen = %config.http.listen, "demo runs without its HTTP endpoint");
             None
         }
     };
-
-    let key = wiring::anonymization_key(&config, rand::random);
+    let pg = match config.sql.pg_listen.parse() {
+        Ok(addr) if config.sql.pg_enabled => {
+            match crate::sql::pg::serve(engine.clone(), addr).await {
+                Ok(task) => Some(task),
+                Err(e) => {
+                    warn!(error = %e, listen = %config.sql.pg_listen, "demo runs without the PostgreSQL endpoint");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let (stage, ctx) = wiring::filter(
         &config,
         &key,
@@ -294,6 +318,18 @@ pub async fn run(
     )?;
     let filter_thread = std::thread::Builder::new()
         .name("filter".into())
+        .spawn(move || runner::run(stage, ctx))
+        .map_err(|_| DemoError::Panicked)?;
+    let (stage, ctx) = wiring::window(
+        &config,
+        metrics.clone(),
+        clock.clone(),
+        shutdown.clone(),
+        tokio::runtime::Handle::current(),
+        Some(store),
+    )?;
+    let window_thread = std::thread::Builder::new()
+        .name("window".into())
         .spawn(move || runner::run(stage, ctx))
         .map_err(|_| DemoError::Panicked)?;
 
@@ -316,27 +352,31 @@ pub async fn run(
     let started = Instant::now();
     let _ = writeln!(
         out,
-        "ebb demo: {} services x {} instances on the in-process mock cluster ({}); metrics on http://{}/metrics",
+        "ebb demo: {} services x {} instances on the in-process mock cluster ({}); metrics and SQL on http://{}, psql on {}",
         config.demo.services,
         config.demo.instances,
         config.brokers(),
-        config.http.listen
+        config.http.listen,
+        config.sql.pg_listen,
     );
     let _ = writeln!(
         out,
-        "{:>6}  {:>10}  {:>10}  {:>10}  {:>8}  dead letters by reason",
-        "time", "produced", "filter in", "clean out", "rejected"
+        "{:>6}  {:>10}  {:>10}  {:>10}  {:>8}  {:>8}  {:>6}  dead letters by reason",
+        "time", "produced", "filter in", "clean out", "rejected", "windows", "late"
     );
     let filter = metrics.stage("filter");
+    let window = metrics.stage("window");
     let print = |out: &mut dyn Write| {
         let _ = writeln!(
             out,
-            "{:>5.0}s  {:>10}  {:>10}  {:>10}  {:>8}  {}",
+            "{:>5.0}s  {:>10}  {:>10}  {:>10}  {:>8}  {:>8}  {:>6}  {}",
             started.elapsed().as_secs_f64(),
             counts.produced.load(Ordering::Relaxed),
             filter.records_in.load(Ordering::Relaxed),
             filter.records_out.load(Ordering::Relaxed),
             filter.dead_lettered_total(),
+            window.output(crate::stages::window::AGGREGATES),
+            window.output(crate::stages::window::LATE),
             reasons_line(&filter.dead_lettered_by_reason())
         );
     };
@@ -372,12 +412,27 @@ pub async fn run(
     while filter.records_in.load(Ordering::Relaxed) < produced && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // And the window stage with everything the filter let through.
+    let clean = filter.records_out.load(Ordering::Relaxed);
+    while window.records_in.load(Ordering::Relaxed) < clean && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     shutdown.store(true, Ordering::Relaxed);
     let summary = tokio::task::spawn_blocking(move || filter_thread.join())
         .await
         .map_err(|_| DemoError::Panicked)?
         .map_err(|_| DemoError::Panicked)??;
+    let window_summary = tokio::task::spawn_blocking(move || window_thread.join())
+        .await
+        .map_err(|_| DemoError::Panicked)?
+        .map_err(|_| DemoError::Panicked)?;
+    if let Err(e) = window_summary {
+        warn!(error = %e, "window stage stopped with an error");
+    }
     drop(http);
+    if let Some(pg) = pg {
+        pg.abort();
+    }
     print(out);
     drop(mock);
     Ok(DemoReport {
@@ -390,6 +445,8 @@ pub async fn run(
             .lock()
             .map(|m| m.clone())
             .unwrap_or_default(),
+        windows: window.output(crate::stages::window::AGGREGATES),
+        late: window.output(crate::stages::window::LATE),
         duration_s: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
     })
 }

@@ -1,3 +1,4 @@
 //! The pipeline's stages, one module each. A stage knows nothing of Kafka.
 
 pub mod filter;
+pub mod window;

@@ -73,6 +73,8 @@ impl Target {
         config.topics.prefix = format!("t{}.", rand::random::<u32>());
         config.http.enabled = false;
         config.filter.group_id = format!("{}filter", config.topics.prefix);
+        config.window.group_id = format!("{}window", config.topics.prefix);
+        config.sql.pg_enabled = false;
         config.runner.poll_timeout = Duration::from_millis(50);
         let specs = ebb::topics::declared(&config).expect("topics");
         match self {
@@ -154,6 +156,51 @@ impl RunningFilter {
             .join()
             .expect("filter thread")
             .expect("filter result")
+    }
+}
+
+/// A window stage running on its own thread.
+pub struct RunningWindow {
+    pub shutdown: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
+    handle: JoinHandle<Result<RunSummary, RunnerError>>,
+}
+
+impl RunningWindow {
+    pub fn start(config: &Config, rt: &tokio::runtime::Runtime) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let (stage, ctx) = ebb::wiring::window(
+            config,
+            metrics.clone(),
+            clock,
+            shutdown.clone(),
+            rt.handle().clone(),
+            None,
+        )
+        .expect("wiring");
+        let handle = std::thread::spawn(move || runner::run(stage, ctx));
+        Self {
+            shutdown,
+            metrics,
+            handle,
+        }
+    }
+
+    pub fn consumed(&self) -> u64 {
+        self.metrics
+            .stage("window")
+            .records_in
+            .load(Ordering::Relaxed)
+    }
+
+    pub fn stop(self) -> RunSummary {
+        self.shutdown.store(true, Ordering::Relaxed);
+        self.handle
+            .join()
+            .expect("window thread")
+            .expect("window result")
     }
 }
 

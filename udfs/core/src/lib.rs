@@ -11,4 +11,4 @@ pub mod time;
 
 pub use anonymize::{anonymize, truncate_ip, Anonymizer};
 pub use robust::{rate, robust_z};
-pub use time::{parse_timestamp, to_utc, EpochUnit, TimeError, TimestampInput};
+pub use time::{parse_timestamp, to_utc, to_utc_micros, EpochUnit, TimeError, TimestampInput};

@@ -100,6 +100,13 @@ pub fn to_utc(text: &str, zone: &str) -> Result<DateTime<Utc>, TimeError> {
     parse_text(text, tz)
 }
 
+/// The SQL and plugin form of [`to_utc`]: microseconds since the epoch, or `None` when the
+/// text or zone cannot be read (SQL's NULL, so one bad row does not fail a whole query).
+/// Microseconds are what Arrow timestamps and Arroyo carry, so all callers agree exactly.
+pub fn to_utc_micros(text: &str, zone: &str) -> Option<i64> {
+    to_utc(text, zone).ok().map(|t| t.timestamp_micros())
+}
+
 fn from_epoch_int(n: i64) -> Result<DateTime<Utc>, TimeError> {
     // `n as f64` loses precision only above 2^53, far inside the nanosecond range, where the
     // magnitude test does not care about the last digits.
