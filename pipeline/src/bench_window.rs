@@ -116,7 +116,7 @@ fn rss_bytes() -> Option<u64> {
     Some(pages * 4096)
 }
 
-fn column<'a, T: 'static>(b: &'a RecordBatch, i: usize) -> Option<&'a T> {
+fn column<T: 'static>(b: &RecordBatch, i: usize) -> Option<&T> {
     b.column(i).as_any().downcast_ref::<T>()
 }
 

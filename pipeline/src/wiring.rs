@@ -147,7 +147,7 @@ pub fn sql(
     anon_key: Option<&[u8]>,
 ) -> Result<(Arc<WindowStore>, Arc<SqlEngine>), crate::sql::SqlError> {
     let store = Arc::new(WindowStore::windows(config.window.store.clone()));
-    let engine = SqlEngine::new(&[store.clone()], anon_key, config.sql.clone())?;
+    let engine = SqlEngine::new(std::slice::from_ref(&store), anon_key, config.sql.clone())?;
     Ok((store, Arc::new(engine)))
 }
 

@@ -312,22 +312,24 @@ fn crash_and_restart(target: &Target) {
     let aggregates = config.topics.name(&config.topics.aggregates);
     let mut first = run();
     // Feed the input over a few seconds so the kill lands with windows open.
-    let chunk = records.len() / 8;
-    for (i, part) in records.chunks(chunk).enumerate() {
+    let chunks: Vec<_> = records.chunks(records.len() / 8).collect();
+    let (before, after) = chunks.split_at(5);
+    for part in before {
         produce(&config, &clean_topic, part);
         std::thread::sleep(Duration::from_millis(300));
-        if i == 4 {
-            // Some windows closed, others open: now SIGKILL (no shutdown, no final commit).
-            read_until_quiet(
-                &config,
-                &aggregates,
-                1,
-                Duration::ZERO,
-                Duration::from_secs(30),
-            );
-            first.kill().unwrap();
-            first.wait().unwrap();
-        }
+    }
+    // Some windows closed, others open: now SIGKILL (no shutdown, no final commit).
+    read_until_quiet(
+        &config,
+        &aggregates,
+        1,
+        Duration::ZERO,
+        Duration::from_secs(30),
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    for part in after {
+        produce(&config, &clean_topic, part);
     }
     let mut second = run();
     let got = read_until_quiet(

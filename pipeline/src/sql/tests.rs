@@ -32,8 +32,8 @@ fn window(service: &str, start: i64, p95: f64) -> WindowAggregate {
 fn engine(config: SqlConfig) -> (Arc<WindowStore>, SqlEngine) {
     let store = Arc::new(WindowStore::windows(StoreConfig::default()));
     store.insert(&[window("api", 0, 15.0), window("web", 10_000, 17.0)]);
-    let engine =
-        SqlEngine::new(&[store.clone()], Some(b"k"), config).unwrap_or_else(|e| panic!("{e}"));
+    let engine = SqlEngine::new(std::slice::from_ref(&store), Some(b"k"), config)
+        .unwrap_or_else(|e| panic!("{e}"));
     (store, engine)
 }
 

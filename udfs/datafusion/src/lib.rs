@@ -63,7 +63,7 @@ fn floats(a: &ArrayRef) -> Result<Float64Array> {
     }
 }
 
-fn get<'a>(s: &'a StringArray, i: usize) -> Option<&'a str> {
+fn get(s: &StringArray, i: usize) -> Option<&str> {
     (!s.is_null(i)).then(|| s.value(i))
 }
 

@@ -166,7 +166,7 @@ impl WindowConfig {
         };
         let check = |key: &str, size: Duration, advance: Option<Duration>| {
             let advance = advance.unwrap_or(size);
-            if size.as_millis() == 0 || size.subsec_micros() % 1000 != 0 {
+            if size.as_millis() == 0 || !size.subsec_micros().is_multiple_of(1000) {
                 return bad(
                     format!("{key}.size"),
                     "must be a positive whole number of milliseconds",
@@ -174,7 +174,7 @@ impl WindowConfig {
             }
             if advance.as_millis() == 0
                 || advance > size
-                || size.as_millis() % advance.as_millis() != 0
+                || !size.as_millis().is_multiple_of(advance.as_millis())
             {
                 return bad(
                     format!("{key}.advance"),

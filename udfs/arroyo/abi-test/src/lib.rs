@@ -12,7 +12,11 @@ pub fn plugin_path(function: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     target.join(profile).join(format!(
         "{}ebb_arroyo_{function}{}",
         std::env::consts::DLL_PREFIX,
@@ -20,9 +24,11 @@ pub fn plugin_path(function: &str) -> PathBuf {
     ))
 }
 
-/// A loaded plugin.
+/// A loaded plugin. It is never unloaded: arrays it returns carry release callbacks that
+/// live in its code, so unloading it while one is alive would jump into freed memory (Arroyo
+/// keeps its plugins loaded for the same reason).
 pub struct Plugin {
-    lib: libloading::Library,
+    lib: std::mem::ManuallyDrop<libloading::Library>,
 }
 
 type Run = unsafe extern "C-unwind" fn(FfiArrays) -> RunResult;
@@ -34,7 +40,9 @@ impl Plugin {
         // runs no initialisers beyond Rust's.
         let lib = unsafe { libloading::Library::new(path) }
             .map_err(|e| format!("{}: {e} (build the plugins first: cargo build --manifest-path udfs/arroyo/Cargo.toml)", path.display()))?;
-        Ok(Self { lib })
+        Ok(Self {
+            lib: std::mem::ManuallyDrop::new(lib),
+        })
     }
 
     /// Calls the plugin's `__run` on `args`.
