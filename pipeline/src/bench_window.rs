@@ -126,6 +126,8 @@ pub fn window(
     records: u64,
     python: Option<&Path>,
 ) -> Result<WindowFigures, WindowBenchError> {
+    // First, while the heap is fresh: freed memory reused later would hide the growth.
+    let (bytes_per_open_series, bytes_per_buffered_record) = open_series_memory(series)?;
     let batch = data(series, records)?;
     let rows = batch.num_rows();
     let (Some(service), Some(metric), Some(instance), Some(value), Some(ts)) = (
@@ -179,7 +181,6 @@ pub fn window(
     stage.flush(&mut out);
     windows += out.outputs().len() as u64;
     let elapsed = started.elapsed().as_secs_f64();
-    let (bytes_per_open_series, bytes_per_buffered_record) = open_series_memory(series)?;
     #[allow(clippy::cast_precision_loss)]
     let ebb_rate = rows as f64 / elapsed;
     let (duckdb, duckdb_error) = match python {
