@@ -7,10 +7,10 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
-use common::{produce, read_exactly, Read, RunningWindow, Target};
+use common::{produce, read_exactly, read_until_quiet, Read, RunningWindow, Target};
 use ebb::codec::json::encode_clean;
 use ebb::codec::AvroCodec;
 use ebb::config::Config;
@@ -194,58 +194,6 @@ fn distinct(records: &[Read]) -> BTreeMap<String, Vec<u8>> {
     m
 }
 
-/// Reads every record of `topic` that arrives until `quiet` passes with none.
-fn read_until_quiet(
-    config: &Config,
-    topic: &str,
-    min: usize,
-    quiet: Duration,
-    timeout: Duration,
-) -> Vec<Read> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::{Headers, Message};
-    let consumer: BaseConsumer = ebb::runner::client_config(&config.kafka)
-        .set("group.id", format!("reader-{}", rand::random::<u32>()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let deadline = Instant::now() + timeout;
-    let mut last = Instant::now();
-    let mut out = Vec::new();
-    while Instant::now() < deadline && (out.len() < min || last.elapsed() < quiet) {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            last = Instant::now();
-            let headers = m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| {
-                            (
-                                h.key.to_string(),
-                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            out.push(Read {
-                topic: m.topic().to_string(),
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().map(<[u8]>::to_vec),
-                headers,
-            });
-        }
-    }
-    assert!(
-        out.len() >= min,
-        "read {} of at least {min} records from {topic}",
-        out.len()
-    );
-    out
-}
-
 fn config_file(config: &Config) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("ebb-window-{}", rand::random::<u32>()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -321,7 +269,7 @@ fn crash_and_restart(target: &Target) {
     // Some windows closed, others open: now SIGKILL (no shutdown, no final commit).
     read_until_quiet(
         &config,
-        &aggregates,
+        &[&aggregates],
         1,
         Duration::ZERO,
         Duration::from_secs(30),
@@ -334,7 +282,7 @@ fn crash_and_restart(target: &Target) {
     let mut second = run();
     let got = read_until_quiet(
         &config,
-        &aggregates,
+        &[&aggregates],
         expected.len(),
         Duration::from_secs(4),
         Duration::from_secs(90),

@@ -29,7 +29,6 @@ struct Inner {
     rows: usize,
     newest_ms: i64,
     spilled: u64,
-    evicted: u64,
 }
 
 /// A bounded, append-only table of Arrow batches with a unique string id in column 0 and an
@@ -149,6 +148,7 @@ impl WindowStore {
     fn evict(&self, inner: &mut Inner) {
         let retention = i64::try_from(self.config.retention.as_millis()).unwrap_or(i64::MAX);
         let horizon = inner.newest_ms.saturating_sub(retention);
+        let spilled_before = inner.spilled;
         while let Some(front) = inner.batches.front() {
             let too_old = front.newest_ms < horizon;
             let too_many = inner.rows > self.config.max_rows;
@@ -164,7 +164,6 @@ impl WindowStore {
                     inner.ids.remove(ids.value(i));
                 }
             }
-            inner.evicted += old.batch.num_rows() as u64;
             if let Some(dir) = &self.config.spill_dir {
                 match self.spill(dir, &old, inner.spilled) {
                     Ok(()) => inner.spilled += 1,
@@ -172,7 +171,9 @@ impl WindowStore {
                 }
             }
         }
-        if self.config.spill_dir.is_some() && inner.spilled > 0 {
+        // Expiry lists the spill directory: do it only when this insert spilled something,
+        // not on every window close.
+        if inner.spilled > spilled_before {
             let keep = i64::try_from(self.config.spill_retention.as_millis()).unwrap_or(i64::MAX);
             self.expire_spilled(inner.newest_ms.saturating_sub(keep));
         }

@@ -237,6 +237,67 @@ pub struct Read {
     pub headers: BTreeMap<String, String>,
 }
 
+/// A consumed message as a [`Read`].
+pub fn read(m: &rdkafka::message::BorrowedMessage<'_>) -> Read {
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    (
+                        h.key.to_string(),
+                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Read {
+        topic: m.topic().to_string(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec),
+        headers,
+    }
+}
+
+fn reader(config: &Config, topics: &[&str]) -> BaseConsumer {
+    let consumer: BaseConsumer = client_config(&config.kafka)
+        .set("group.id", format!("reader-{}", rand::random::<u32>()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(topics).expect("subscribe");
+    consumer
+}
+
+/// Reads every record of `topics` (from the start) until at least `min` arrived and then
+/// `quiet` passed with none, failing after `timeout`.
+pub fn read_until_quiet(
+    config: &Config,
+    topics: &[&str],
+    min: usize,
+    quiet: Duration,
+    timeout: Duration,
+) -> Vec<Read> {
+    let consumer = reader(config, topics);
+    let deadline = Instant::now() + timeout;
+    let mut last = Instant::now();
+    let mut out = Vec::new();
+    while Instant::now() < deadline && (out.len() < min || last.elapsed() < quiet) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            last = Instant::now();
+            out.push(read(&m));
+        }
+    }
+    assert!(
+        out.len() >= min,
+        "read {} of at least {min} records from {topics:?}",
+        out.len()
+    );
+    out
+}
+
 /// Reads exactly `n` records from `topics` (from the start), failing after `timeout`; after
 /// the `n`-th, keeps polling for `settle` and fails if any more arrive (a duplicate, or a
 /// record that should not exist).
@@ -247,13 +308,7 @@ pub fn read_exactly(
     timeout: Duration,
     settle: Duration,
 ) -> Vec<Read> {
-    let consumer: BaseConsumer = client_config(&config.kafka)
-        .set("group.id", format!("reader-{}", rand::random::<u32>()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    consumer.subscribe(topics).expect("subscribe");
+    let consumer = reader(config, topics);
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
     while out.len() < n {
@@ -263,25 +318,7 @@ pub fn read_exactly(
             out.len()
         );
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            let headers = m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| {
-                            (
-                                h.key.to_string(),
-                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            out.push(Read {
-                topic: m.topic().to_string(),
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().map(<[u8]>::to_vec),
-                headers,
-            });
+            out.push(read(&m));
         }
     }
     let quiet_until = Instant::now() + settle;
