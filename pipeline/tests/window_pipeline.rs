@@ -58,7 +58,7 @@ fn close_and_late(target: &Target) {
     let mut config = target.config(&rt);
     window_config(&mut config);
     let clean_topic = config.topics.name(&config.topics.clean);
-    let stage = RunningWindow::start(&config, &rt);
+    let stage = RunningWindow::start_window(&config, &rt);
     produce(
         &config,
         &clean_topic,
@@ -322,8 +322,8 @@ fn two_instances(target: &Target) {
     window_config(&mut config);
     let records = fleet(9, 200);
     let expected = reference(&config, &records);
-    let a = RunningWindow::start(&config, &rt);
-    let b = RunningWindow::start(&config, &rt);
+    let a = RunningWindow::start_window(&config, &rt);
+    let b = RunningWindow::start_window(&config, &rt);
     // Let the group settle before any input, so no partition changes hands mid-stream.
     std::thread::sleep(Duration::from_secs(if matches!(target, Target::Mock(_)) {
         3

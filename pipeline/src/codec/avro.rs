@@ -307,9 +307,8 @@ struct CleanAvro<'a> {
 }
 
 impl AvroCodec {
-    /// Decodes a Confluent-framed raw sample with the writer schema named in its frame.
-    /// Any record schema carrying the contract's fields is accepted, so producers may evolve.
-    pub fn decode_sample(&self, payload: &[u8]) -> Result<TelemetrySample, DecodeError> {
+    /// The writer schema a Confluent-framed payload names.
+    fn writer(&self, payload: &[u8]) -> Result<Arc<Entry>, DecodeError> {
         let id = confluent_schema_id(payload).ok_or_else(|| DecodeError::Malformed {
             format: "avro",
             detail: format!(
@@ -317,12 +316,18 @@ impl AvroCodec {
                 payload.len()
             ),
         })?;
-        let entry = match self.schemas.get(id) {
-            Some(Some(entry)) => entry,
+        match self.schemas.get(id) {
+            Some(Some(entry)) => Ok(entry),
             // The runner asks the registry before processing; None means it said 404 (or, in
             // a test without a registry, nobody asked).
-            Some(None) | None => return Err(DecodeError::UnknownSchemaId(id)),
-        };
+            Some(None) | None => Err(DecodeError::UnknownSchemaId(id)),
+        }
+    }
+
+    /// Decodes a Confluent-framed raw sample with the writer schema named in its frame.
+    /// Any record schema carrying the contract's fields is accepted, so producers may evolve.
+    pub fn decode_sample(&self, payload: &[u8]) -> Result<TelemetrySample, DecodeError> {
+        let entry = self.writer(payload)?;
         // Fast path: straight into the sample, no Value tree. Anything it refuses (a type
         // mismatch, an evolved schema it cannot map) is decoded again through Value, which
         // accepts every compatible shape and words the error a dead letter carries.
@@ -395,17 +400,7 @@ struct CleanAvroOwned {
 impl AvroCodec {
     /// Decodes a Confluent-framed clean sample (what the filter writes).
     pub fn decode_clean(&self, payload: &[u8]) -> Result<CleanSample, DecodeError> {
-        let id = confluent_schema_id(payload).ok_or_else(|| DecodeError::Malformed {
-            format: "avro",
-            detail: format!(
-                "{} bytes is too short for the Confluent frame",
-                payload.len()
-            ),
-        })?;
-        let entry = match self.schemas.get(id) {
-            Some(Some(entry)) => entry,
-            Some(None) | None => return Err(DecodeError::UnknownSchemaId(id)),
-        };
+        let entry = self.writer(payload)?;
         let mut body = &payload[5..];
         let c: CleanAvroOwned =
             entry

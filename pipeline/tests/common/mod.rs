@@ -101,49 +101,75 @@ impl Target {
     }
 }
 
-/// A filter running on its own thread.
-pub struct RunningFilter {
+/// A stage running through the runner on its own thread.
+pub struct RunningStage {
+    pub name: &'static str,
     pub shutdown: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
     handle: JoinHandle<Result<RunSummary, RunnerError>>,
 }
 
-impl RunningFilter {
-    pub fn start(config: &Config, rt: &tokio::runtime::Runtime) -> Self {
+/// The filter's helper name, kept for the filter tests.
+pub type RunningFilter = RunningStage;
+/// The window's helper name.
+pub type RunningWindow = RunningStage;
+
+impl RunningStage {
+    /// Wires a stage with fresh metrics and a shutdown flag, and runs it on its own thread.
+    fn spawn<S: ebb::stage::Stage + Send + 'static>(
+        wire: impl FnOnce(Arc<Metrics>, Arc<dyn Clock>, Arc<AtomicBool>) -> (S, ebb::runner::RunContext),
+    ) -> Self {
         let metrics = Arc::new(Metrics::new());
         let shutdown = Arc::new(AtomicBool::new(false));
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let (stage, ctx) = ebb::wiring::filter(
-            config,
-            b"integration-test-key",
-            metrics.clone(),
-            clock,
-            shutdown.clone(),
-            rt.handle().clone(),
-        )
-        .expect("wiring");
+        let (stage, ctx) = wire(metrics.clone(), Arc::new(SystemClock), shutdown.clone());
+        let name = stage.name();
         let handle = std::thread::spawn(move || runner::run(stage, ctx));
         Self {
+            name,
             shutdown,
             metrics,
             handle,
         }
     }
 
+    /// The filter.
+    pub fn start(config: &Config, rt: &tokio::runtime::Runtime) -> Self {
+        Self::spawn(|metrics, clock, shutdown| {
+            ebb::wiring::filter(
+                config,
+                b"integration-test-key",
+                metrics,
+                clock,
+                shutdown,
+                rt.handle().clone(),
+            )
+            .expect("wiring")
+        })
+    }
+
+    /// The window stage.
+    pub fn start_window(config: &Config, rt: &tokio::runtime::Runtime) -> Self {
+        Self::spawn(|metrics, clock, shutdown| {
+            ebb::wiring::window(config, metrics, clock, shutdown, rt.handle().clone(), None)
+                .expect("wiring")
+        })
+    }
+
     pub fn consumed(&self) -> u64 {
         self.metrics
-            .stage("filter")
+            .stage(self.name)
             .records_in
             .load(Ordering::Relaxed)
     }
 
-    /// Waits until the filter has consumed `n` records.
+    /// Waits until the stage has consumed `n` records.
     pub fn wait_for(&self, n: u64, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.consumed() < n {
             assert!(
                 Instant::now() < deadline,
-                "filter consumed {} of {n} records in {timeout:?}",
+                "{} consumed {} of {n} records in {timeout:?}",
+                self.name,
                 self.consumed()
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -154,53 +180,8 @@ impl RunningFilter {
         self.shutdown.store(true, Ordering::Relaxed);
         self.handle
             .join()
-            .expect("filter thread")
-            .expect("filter result")
-    }
-}
-
-/// A window stage running on its own thread.
-pub struct RunningWindow {
-    pub shutdown: Arc<AtomicBool>,
-    pub metrics: Arc<Metrics>,
-    handle: JoinHandle<Result<RunSummary, RunnerError>>,
-}
-
-impl RunningWindow {
-    pub fn start(config: &Config, rt: &tokio::runtime::Runtime) -> Self {
-        let metrics = Arc::new(Metrics::new());
-        let shutdown = Arc::new(AtomicBool::new(false));
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let (stage, ctx) = ebb::wiring::window(
-            config,
-            metrics.clone(),
-            clock,
-            shutdown.clone(),
-            rt.handle().clone(),
-            None,
-        )
-        .expect("wiring");
-        let handle = std::thread::spawn(move || runner::run(stage, ctx));
-        Self {
-            shutdown,
-            metrics,
-            handle,
-        }
-    }
-
-    pub fn consumed(&self) -> u64 {
-        self.metrics
-            .stage("window")
-            .records_in
-            .load(Ordering::Relaxed)
-    }
-
-    pub fn stop(self) -> RunSummary {
-        self.shutdown.store(true, Ordering::Relaxed);
-        self.handle
-            .join()
-            .expect("window thread")
-            .expect("window result")
+            .expect("stage thread")
+            .expect("stage result")
     }
 }
 
