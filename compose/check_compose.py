@@ -3,6 +3,7 @@
 `docker compose config` would reject, and that it stays in sync with the repo: files it
 mounts or builds exist, dependencies name real services, pinned versions match
 compose/kafka.sh, and every `ebb` command line uses subcommands and flags the CLI has."""
+import os
 import re
 import subprocess
 import sys
@@ -65,7 +66,7 @@ for name, svc in services.items():
         errors.append(f"{name}: Kafka {image.split(':')[1]} differs from compose/kafka.sh ({kafka_version})")
 
 # Every ebb invocation must parse: ask the CLI itself (--help per subcommand) when built.
-ebb = repo / "target" / "debug" / "ebb"
+ebb = Path(os.environ.get("CARGO_TARGET_DIR") or repo / "target") / "debug" / "ebb"
 def ebb_lines():
     for name, svc in services.items():
         cmd = svc.get("command")
