@@ -15,6 +15,18 @@ cleanup() { if ((started)); then compose/kafka.sh down || true; fi; }
 trap cleanup EXIT
 eval "$(compose/kafka.sh env | sed 's/^/export /')"
 
+# NAB's own scorer (../shared/tools/nab-scorer) checks `ebb eval anomalies`: it needs pandas.
+nab_req="$repo/../shared/tools/nab-scorer/requirements.txt"
+if [[ -f "$nab_req" ]]; then
+  venv="${EBB_CACHE:-$HOME/.cache/ebb}/nab-venv"
+  if ! "$venv/bin/python" -c 'import pandas' 2>/dev/null; then
+    echo "== NAB scorer venv ($venv)"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q -r "$nab_req"
+  fi
+  export EBB_NAB_PYTHON="$venv/bin/python"
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -1,0 +1,327 @@
+//! The models' behaviour on synthetic telemetry: faults are seen quickly, a steady service
+//! is left alone, a restored model carries on exactly, poison does not stick.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+use super::detect::{AnomalyModel, DetectorConfig, Verdict};
+use super::forecast::{ForecastConfig, Forecaster};
+
+const NAMES: [&str; 4] = ["requests_per_s", "cpu", "latency_p95_ms", "errors_per_s"];
+/// Ten-second windows.
+const STEP_MS: i64 = 10_000;
+const DAY: usize = 8640;
+
+/// One window of a healthy service: a daily cycle in load, CPU following load, latency
+/// and errors flat, each with noise.
+fn healthy(i: usize, rng: &mut ChaCha8Rng) -> [f64; 4] {
+    let day = (i as f64 / DAY as f64) * std::f64::consts::TAU;
+    let load = 200.0 + 80.0 * day.sin();
+    let noise = Normal::new(0.0, 1.0).map_or(0.0, |n| n.sample(rng));
+    [
+        load + 6.0 * noise,
+        20.0 + load * 0.1 + rng.random_range(-1.0..1.0),
+        80.0 + rng.random_range(-4.0..4.0),
+        0.5 + rng.random_range(-0.2..0.2),
+    ]
+}
+
+fn step(model: &mut AnomalyModel, v: [f64; 4], cfg: &DetectorConfig) -> Verdict {
+    model.update(&v.map(Some), &NAMES, cfg)
+}
+
+fn warmed(seed: u64, windows: usize, cfg: &DetectorConfig) -> (AnomalyModel, ChaCha8Rng) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut model = AnomalyModel::new(NAMES.len());
+    for i in 0..windows {
+        let v = healthy(i, &mut rng);
+        step(&mut model, v, cfg);
+    }
+    (model, rng)
+}
+
+#[test]
+fn injected_faults_are_flagged_within_two_windows() {
+    let cfg = DetectorConfig::default();
+    type Fault = fn([f64; 4]) -> [f64; 4];
+    let faults: [(&str, Fault); 4] = [
+        ("latency x5", |v| [v[0], v[1], v[2] * 5.0, v[3]]),
+        ("errors x30", |v| [v[0], v[1], v[2], v[3] * 30.0]),
+        ("cpu pinned", |v| [v[0], 99.0, v[2] * 1.5, v[3]]),
+        ("traffic gone", |v| [v[0] * 0.1, v[1] * 0.3, v[2], v[3]]),
+    ];
+    for (k, (name, fault)) in faults.iter().enumerate() {
+        let start = 3000;
+        let (mut model, mut rng) = warmed(k as u64, start, &cfg);
+        let mut flagged = None;
+        for w in 0..6 {
+            let v = fault(healthy(start + w, &mut rng));
+            let verdict = step(&mut model, v, &cfg);
+            if verdict.anomalous && flagged.is_none() {
+                flagged = Some((w, verdict));
+            }
+        }
+        let Some((w, verdict)) = flagged else {
+            panic!("{name}: not flagged in six windows");
+        };
+        assert!(w < 2, "{name}: flagged only in window {w}");
+        assert!(
+            verdict.kmeans.is_some() && verdict.dbscan.is_some(),
+            "{name}"
+        );
+        assert!(!verdict.drivers.is_empty(), "{name}: no explanation");
+    }
+}
+
+#[test]
+fn the_explanation_names_the_faulty_signal() {
+    let cfg = DetectorConfig::default();
+    let (mut model, mut rng) = warmed(9, 3000, &cfg);
+    let mut v = healthy(3000, &mut rng);
+    v[2] *= 6.0;
+    let verdict = step(&mut model, v, &cfg);
+    assert!(verdict.anomalous);
+    assert!(
+        verdict.drivers[0].0.starts_with("latency_p95_ms."),
+        "{:?}",
+        verdict.drivers
+    );
+}
+
+#[test]
+fn a_steady_service_raises_no_anomaly_for_a_day() {
+    let cfg = DetectorConfig::default();
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+    let mut model = AnomalyModel::new(NAMES.len());
+    let mut alarms = Vec::new();
+    let mut top: f64 = 0.0;
+    for i in 0..DAY {
+        let v = healthy(i, &mut rng);
+        let verdict = step(&mut model, v, &cfg);
+        top = top.max(verdict.score);
+        if verdict.anomalous {
+            alarms.push(i);
+        }
+    }
+    assert!(alarms.is_empty(), "alarms at windows {alarms:?}");
+    assert!(top > 0.0, "the detector never scored anything");
+}
+
+#[test]
+fn a_restored_model_gives_the_same_next_outputs() -> Result<(), serde_json::Error> {
+    let cfg = DetectorConfig::default();
+    let fcfg = ForecastConfig::default();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut model = AnomalyModel::new(NAMES.len());
+    let mut forecaster = Forecaster::new(&fcfg);
+    for i in 0..1500 {
+        let v = healthy(i, &mut rng);
+        step(&mut model, v, &cfg);
+        forecaster.update(i as i64 * STEP_MS, v[0], &fcfg);
+    }
+    let snapshot = serde_json::to_vec(&(&model, &forecaster))?;
+    let (mut restored, mut restored_f): (AnomalyModel, Forecaster) =
+        serde_json::from_slice(&snapshot)?;
+    for i in 1500..1800 {
+        let mut v = healthy(i, &mut rng);
+        if i == 1700 {
+            v[2] *= 5.0;
+        }
+        assert_eq!(
+            step(&mut model, v, &cfg),
+            step(&mut restored, v, &cfg),
+            "window {i}"
+        );
+        let t = i as i64 * STEP_MS;
+        assert_eq!(
+            forecaster.update(t, v[0], &fcfg),
+            restored_f.update(t, v[0], &fcfg),
+            "window {i}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn poisoned_inputs_do_not_corrupt_the_models() {
+    let cfg = DetectorConfig::default();
+    let fcfg = ForecastConfig::default();
+    let (mut model, mut rng) = warmed(3, 2500, &cfg);
+    let mut forecaster = Forecaster::new(&fcfg);
+    for i in 0..2500 {
+        forecaster.update(i as i64 * STEP_MS, healthy(i, &mut rng)[0], &fcfg);
+    }
+    let poison = [f64::NAN, f64::INFINITY, -f64::INFINITY, 1e300, -1e300, 1e12];
+    for (k, p) in poison.iter().enumerate() {
+        let i = 2500 + k;
+        let verdict = model.update(&[Some(*p), Some(*p), None, Some(0.5)], &NAMES, &cfg);
+        assert!(verdict.score.is_finite(), "{p}: score {}", verdict.score);
+        for f in forecaster.update(i as i64 * STEP_MS, *p, &fcfg) {
+            assert!(f.value.is_finite(), "{p}: forecast {f:?}");
+        }
+    }
+    // A while later, healthy windows score as healthy again and forecasts are sane.
+    let mut late_alarms = 0;
+    for i in 2510..3500 {
+        let v = healthy(i, &mut rng);
+        let verdict = step(&mut model, v, &cfg);
+        assert!(verdict.score.is_finite());
+        if i > 2700 && verdict.anomalous {
+            late_alarms += 1;
+        }
+        for p in forecaster.update(i as i64 * STEP_MS, v[0], &fcfg) {
+            assert!(p.value.is_finite() && p.lower.is_finite() && p.upper.is_finite());
+            if i > 3000 {
+                assert!((0.0..1000.0).contains(&p.value), "forecast {p:?}");
+            }
+        }
+    }
+    assert_eq!(late_alarms, 0);
+}
+
+#[test]
+fn the_forecast_beats_both_naive_forecasts_on_a_daily_cycle_with_a_ramp() {
+    use crate::eval::forecast::evaluate;
+    use crate::eval::series::Series;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    // Three days of one-minute samples: a daily cycle, a slow upward trend, noise.
+    let n = 3 * 1440;
+    let values: Vec<f64> = (0..n)
+        .map(|i| {
+            let day = (i as f64 / 1440.0) * std::f64::consts::TAU;
+            let noise = Normal::new(0.0, 4.0).map_or(0.0, |d| d.sample(&mut rng));
+            300.0 + 120.0 * day.sin() + 0.05 * i as f64 + noise
+        })
+        .collect();
+    let score = evaluate(&Series::synthetic(values), &ForecastConfig::default());
+    for e in &score.horizons {
+        let h = &e.horizon;
+        assert!(e.n > 1000, "{h}: {} scored", e.n);
+        assert!(e.skill_vs_last > 0.0, "{h}: {e:?}");
+        assert!(e.skill_vs_yesterday > 0.0, "{h}: {e:?}");
+        assert!(e.interval_coverage > 0.7, "{h}: {e:?}");
+    }
+}
+
+#[test]
+fn a_bad_detector_setting_names_its_key() {
+    let cfg = DetectorConfig {
+        clusters: 0,
+        ..DetectorConfig::default()
+    };
+    let Err(e) = cfg.validate() else {
+        panic!("clusters = 0 accepted");
+    };
+    assert!(e.to_string().starts_with("clusters:"), "{e}");
+    let f = ForecastConfig {
+        horizons: vec![],
+        ..ForecastConfig::default()
+    };
+    let Err(e) = f.validate() else {
+        panic!("no horizons accepted");
+    };
+    assert!(e.to_string().starts_with("horizons:"), "{e}");
+}
+
+/// Drives the stage with `windows` windows of one service's aggregates (JSON), a fault in
+/// window `fault`; returns everything it emitted.
+fn run_stage(windows: usize, fault: usize) -> Vec<crate::stage::Output> {
+    use crate::codec::AvroCodec;
+    use crate::stage::{Emitter, Input, Source, Stage};
+    use crate::stages::window::WindowAggregate;
+    let mut stage = super::ModelsStage::new(super::ModelsConfig::default(), AvroCodec::default());
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut outputs = Vec::new();
+    let mut offset = 0;
+    for w in 0..windows {
+        let mut v = healthy(w, &mut rng);
+        if w == fault {
+            v[2] *= 8.0;
+        }
+        let start = 1_700_000_000_000 + w as i64 * STEP_MS;
+        for (metric, value) in NAMES.iter().zip(v) {
+            let a = WindowAggregate {
+                window_id: format!("api/{metric}/{STEP_MS}/{start}"),
+                service: "api".into(),
+                metric: (*metric).into(),
+                unit: None,
+                window_start: start,
+                window_end: start + STEP_MS,
+                count: 10,
+                sum: value * 10.0,
+                mean: value,
+                min: value,
+                max: value,
+                stddev: None,
+                p50: value,
+                p95: value,
+                p99: value,
+                rate: 1.0,
+                instances: 1,
+            };
+            let payload = serde_json::to_vec(&a).unwrap_or_default();
+            let mut emitter = Emitter::new();
+            stage.process(
+                &Input {
+                    key: Some(b"api"),
+                    payload: Some(&payload),
+                    headers: Vec::new(),
+                    source: Source {
+                        topic: "aggregates".into(),
+                        partition: 0,
+                        offset,
+                    },
+                },
+                &mut emitter,
+            );
+            offset += 1;
+            let (out, dead) = emitter.drain();
+            assert!(dead.is_empty(), "{dead:?}");
+            outputs.extend(out);
+        }
+    }
+    outputs
+}
+
+#[test]
+fn the_stage_flags_a_fault_and_every_output_fits_its_schema(
+) -> Result<(), Box<dyn std::error::Error>> {
+    use super::process::{AnomalyEvent, ForecastEvent};
+    let outputs = run_stage(3000, 2900);
+    let anomalies =
+        apache_avro::Schema::parse_str(include_str!("../../../../schemas/anomalies.avsc"))?;
+    let forecasts =
+        apache_avro::Schema::parse_str(include_str!("../../../../schemas/forecasts.avsc"))?;
+    let mut flagged = Vec::new();
+    let mut forecast_count = 0;
+    for o in &outputs {
+        match o.output {
+            super::ANOMALIES => {
+                let e: AnomalyEvent = serde_json::from_slice(&o.payload)?;
+                apache_avro::to_value(&e)?.resolve(&anomalies)?;
+                flagged.push(e.window_end.clone());
+            }
+            super::FORECASTS => {
+                let e: ForecastEvent = serde_json::from_slice(&o.payload)?;
+                apache_avro::to_value(&e)?.resolve(&forecasts)?;
+                assert_eq!(e.horizons.len(), 3);
+                forecast_count += 1;
+            }
+            _ => {}
+        }
+    }
+    // Ten-second windows, one-minute forecast steps: one per load signal and minute.
+    assert_eq!(forecast_count, 2 * 3000 / 6, "one per load signal and step");
+    let fault_end =
+        |w: i64| crate::stages::window::aggregate::ms_to_rfc3339(1_700_000_000_000 + w * STEP_MS);
+    assert!(
+        flagged.contains(&fault_end(2901)) || flagged.contains(&fault_end(2902)),
+        "fault not flagged within two windows: {flagged:?}"
+    );
+    assert!(
+        flagged.len() <= 3,
+        "steady windows flagged too: {flagged:?}"
+    );
+    Ok(())
+}
