@@ -208,6 +208,7 @@ fn filter_through_broker(
         clock,
         shutdown: shutdown.clone(),
         avro: None,
+        state_topic: None,
     };
     let counts = metrics.stage("filter");
     let handle = std::thread::spawn(move || runner::run(stage, ctx));

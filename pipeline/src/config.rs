@@ -87,6 +87,8 @@ pub struct Config {
     pub window: WindowConfig,
     /// SQL over the store: `ebb sql`, `POST /sql`, the PostgreSQL protocol.
     pub sql: SqlConfig,
+    /// The anomaly detectors and the forecaster (`ebb eval` reads them too).
+    pub models: crate::stages::models::ModelsConfig,
     /// `ebb demo` and its synthetic telemetry.
     pub demo: DemoConfig,
 }
@@ -105,6 +107,7 @@ impl Default for Config {
             filter: FilterConfig::default(),
             window: WindowConfig::default(),
             sql: SqlConfig::default(),
+            models: Default::default(),
             demo: DemoConfig::default(),
         }
     }
@@ -149,6 +152,12 @@ pub struct TopicsConfig {
     pub late: String,
     /// Window aggregates. Default `aggregates`.
     pub aggregates: String,
+    /// Anomaly events. Default `anomalies`.
+    pub anomalies: String,
+    /// Forecasts. Default `forecasts`.
+    pub forecasts: String,
+    /// Compacted model snapshots. Default `model-state`.
+    pub model_state: String,
 }
 
 impl Default for TopicsConfig {
@@ -160,6 +169,9 @@ impl Default for TopicsConfig {
             dead_letter: "telemetry.dead-letter".into(),
             late: "telemetry.late".into(),
             aggregates: "aggregates".into(),
+            anomalies: "anomalies".into(),
+            forecasts: "forecasts".into(),
+            model_state: "model-state".into(),
         }
     }
 }
@@ -309,6 +321,9 @@ impl Config {
             ("topics.dead_letter", &self.topics.dead_letter),
             ("topics.late", &self.topics.late),
             ("topics.aggregates", &self.topics.aggregates),
+            ("topics.anomalies", &self.topics.anomalies),
+            ("topics.forecasts", &self.topics.forecasts),
+            ("topics.model_state", &self.topics.model_state),
         ] {
             let full = self.topics.name(name);
             if full.is_empty()
@@ -341,6 +356,7 @@ impl Config {
         self.filter.validate()?;
         self.window.validate()?;
         self.sql.validate()?;
+        self.models.validate()?;
         self.demo.validate()?;
         Ok(())
     }

@@ -5,11 +5,13 @@
 //! [`runner`] wires any stage to Kafka, and `ebb demo` and replay drive the same values.
 
 pub mod bench;
+pub mod bench_models;
 pub mod bench_window;
 pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod demo;
+pub mod eval;
 pub mod glob;
 pub mod metrics;
 pub mod record;

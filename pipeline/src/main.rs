@@ -112,6 +112,43 @@ enum Command {
         #[command(subcommand)]
         what: BenchWhat,
     },
+    /// Measure the models on recorded, labelled data (online, no peeking ahead).
+    Eval {
+        #[command(subcommand)]
+        what: EvalWhat,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum EvalWhat {
+    /// Run the anomaly detectors over a NAB-layout folder and score them with NAB's rules.
+    Anomalies {
+        /// A folder laid out like NAB's data/: <category>/<file>.csv (timestamp,value) with
+        /// combined_windows.json beside the categories.
+        #[arg(long, value_name = "DIR")]
+        nab: PathBuf,
+        /// Also write per-row scores in NAB's results layout under DIR (for NAB's scorer).
+        #[arg(long, value_name = "DIR")]
+        nab_results: Option<PathBuf>,
+        /// End with one JSON line of the figures.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forecast a recorded series online and compare with the naive forecasts.
+    Forecast {
+        /// The CSV file.
+        #[arg(long, value_name = "CSV")]
+        file: PathBuf,
+        /// The time column.
+        #[arg(long, default_value = "timestamp")]
+        time_column: String,
+        /// The value column.
+        #[arg(long, default_value = "value")]
+        value_column: String,
+        /// End with one JSON line of the figures.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +157,8 @@ enum StageName {
     Filter,
     /// The window stage (and SQL over its windows).
     Window,
+    /// The models stage: anomalies and forecasts.
+    Models,
     /// Every stage built so far, in one process.
     All,
 }
@@ -170,6 +209,19 @@ enum ConfigAction {
 
 #[derive(Subcommand, Debug)]
 enum BenchWhat {
+    /// One round of model updates for many services on one core, state per service, and
+    /// River's k-means on the same features.
+    Models {
+        /// Services.
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        /// Windows each service sees before the timed round.
+        #[arg(long, default_value_t = 240)]
+        warm: usize,
+        /// A Python with River installed (compose/bench.sh models makes one).
+        #[arg(long, value_name = "PATH")]
+        python: Option<String>,
+    },
     /// Window aggregation rate for many series, and DuckDB's rate on the same Arrow data.
     Window {
         /// Distinct (service, metric) series.
@@ -289,9 +341,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 config.validate()?;
             }
             let stages: &[StageName] = match stage {
-                StageName::All => &[StageName::Filter, StageName::Window],
+                StageName::All => &[StageName::Filter, StageName::Window, StageName::Models],
                 StageName::Filter => &[StageName::Filter],
                 StageName::Window => &[StageName::Window],
+                StageName::Models => &[StageName::Models],
             };
             run_stages(config, stages).await
         }
@@ -409,6 +462,109 @@ async fn dispatch(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&f)?);
             Ok(())
         }
+        Command::Eval {
+            what:
+                EvalWhat::Anomalies {
+                    nab,
+                    nab_results,
+                    json,
+                },
+        } => {
+            let detector = config.models.detector.clone();
+            let score = tokio::task::spawn_blocking(move || {
+                ebb::eval::anomalies(&nab, nab_results.as_deref(), &detector)
+            })
+            .await??;
+            print_anomaly_table(&score);
+            if json {
+                println!("{}", serde_json::to_string(&score)?);
+            }
+            Ok(())
+        }
+        Command::Eval {
+            what:
+                EvalWhat::Forecast {
+                    file,
+                    time_column,
+                    value_column,
+                    json,
+                },
+        } => {
+            let forecast = config.models.forecast.clone();
+            let (score, name) = tokio::task::spawn_blocking(move || {
+                let series = ebb::eval::series::read_series(&file, &time_column, &value_column)?;
+                let score = ebb::eval::forecast::evaluate(&series, &forecast);
+                Ok::<_, ebb::eval::EvalError>((score, file.display().to_string()))
+            })
+            .await??;
+            println!("{name}: {} rows, step {} s", score.rows, score.step_seconds);
+            println!(
+                "  {:>8} {:>8} {:>12} {:>9} {:>12} {:>12} {:>14} {:>9}",
+                "horizon",
+                "n",
+                "mae",
+                "mape",
+                "mae_last",
+                "skill_last",
+                "skill_yesterday",
+                "coverage"
+            );
+            for e in &score.horizons {
+                println!(
+                    "  {:>8} {:>8} {:>12.4} {:>9.4} {:>12.4} {:>+12.3} {:>+14.3} {:>9.2}",
+                    e.horizon,
+                    e.n,
+                    e.mae,
+                    e.mape,
+                    e.mae_last,
+                    e.skill_vs_last,
+                    e.skill_vs_yesterday,
+                    e.interval_coverage
+                );
+            }
+            if json {
+                println!("{}", serde_json::to_string(&forecast_json(&score))?);
+            }
+            Ok(())
+        }
+        Command::Bench {
+            what:
+                BenchWhat::Models {
+                    services,
+                    warm,
+                    python,
+                },
+        } => {
+            let f = tokio::task::spawn_blocking(move || {
+                ebb::bench_models::models(services, warm, python.as_deref())
+            })
+            .await?;
+            println!(
+                "models benchmark: {} services, one window each after {} warm-up windows, one core",
+                f.services, f.warm_windows
+            );
+            println!(
+                "  full round (k-means + DBSCAN + 2 forecasters)  {:>9.3} s  ({:.0} updates/s)",
+                f.round_s, f.updates_per_s
+            );
+            println!(
+                "  detector round (k-means + DBSCAN)              {:>9.3} s",
+                f.detector_round_s
+            );
+            println!(
+                "  model state per service (resident)             {:>9.0} B   (snapshot {:.0} B)",
+                f.bytes_per_service, f.snapshot_bytes_per_service
+            );
+            match (f.river_updates_per_s, f.ratio_vs_river) {
+                (Some(r), Some(x)) => {
+                    println!("  River k-means, same features                   {r:>9.0} updates/s");
+                    println!("  ebb detector / River                           {x:>9.1}x");
+                }
+                _ => println!("  River: {}", f.river_error.as_deref().unwrap_or("not run")),
+            }
+            println!("{}", serde_json::to_string(&f)?);
+            Ok(())
+        }
         Command::Bench {
             what: BenchWhat::Filter { records },
         } => {
@@ -506,6 +662,18 @@ async fn run_stages(config: Config, stages: &[StageName]) -> Result<()> {
                 )?;
                 std::thread::Builder::new()
                     .name("window".into())
+                    .spawn(move || runner::run(stage, ctx))?
+            }
+            StageName::Models => {
+                let (stage, ctx) = wiring::models(
+                    &config,
+                    metrics.clone(),
+                    clock.clone(),
+                    shutdown.clone(),
+                    handle.clone(),
+                )?;
+                std::thread::Builder::new()
+                    .name("models".into())
                     .spawn(move || runner::run(stage, ctx))?
             }
             StageName::All => continue,
@@ -673,4 +841,50 @@ async fn produce(
         serde_json::json!({ "produced": counts.produced.load(Ordering::Relaxed), "injected": injected })
     );
     Ok(())
+}
+
+/// The anomaly evaluation as a table: per file, then overall.
+fn print_anomaly_table(score: &ebb::eval::nab::CorpusScore) {
+    println!(
+        "{:<58} {:>9} {:>9} {:>7} {:>7} {:>9}",
+        "file", "score", "windows", "found", "FP", "precision"
+    );
+    for f in &score.files {
+        let s = f
+            .score_standard
+            .map_or_else(|| "-".to_string(), |s| format!("{s:.2}"));
+        println!(
+            "{:<58} {:>9} {:>9} {:>7} {:>7} {:>9.3}",
+            f.file, s, f.tally.windows, f.tally.windows_detected, f.tally.fp, f.precision
+        );
+    }
+    println!(
+        "overall: NAB standard score {:.2} (threshold {:.6}), precision {:.3}, recall {:.3} over {} files",
+        score.score_standard,
+        score.threshold,
+        score.precision,
+        score.recall,
+        score.files.len()
+    );
+}
+
+/// The forecast evaluation's contract line: the per-horizon table, and the headline figures
+/// keyed by horizon at the top level.
+fn forecast_json(score: &ebb::eval::forecast::ForecastScore) -> serde_json::Value {
+    let per = |f: fn(&ebb::eval::forecast::HorizonError) -> f64| {
+        score
+            .horizons
+            .iter()
+            .map(|e| (e.horizon.clone(), serde_json::json!(f(e))))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    serde_json::json!({
+        "rows": score.rows,
+        "step_seconds": score.step_seconds,
+        "mae": per(|e| e.mae),
+        "mape": per(|e| e.mape),
+        "skill_vs_last": per(|e| e.skill_vs_last),
+        "skill_vs_yesterday": per(|e| e.skill_vs_yesterday),
+        "horizons": score.horizons,
+    })
 }

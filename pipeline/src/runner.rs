@@ -88,6 +88,9 @@ pub struct RunContext {
     pub shutdown: Arc<AtomicBool>,
     /// Registry access, if Avro is in play.
     pub avro: Option<AvroSupport>,
+    /// The stage's state topic (compacted, partitioned like the input), read back into the
+    /// stage for each partition it is assigned.
+    pub state_topic: Option<String>,
 }
 
 impl std::fmt::Debug for RunContext {
@@ -643,6 +646,18 @@ fn handle_rebalances<S: Stage>(
             assigned
         }
     };
+    if let Some(topic) = &ctx.state_topic {
+        for e in committed.elements() {
+            let records = read_state(ctx, topic, e.partition());
+            info!(
+                stage = stage.name(),
+                partition = e.partition(),
+                records = records.len(),
+                "state read back"
+            );
+            stage.restore_state(e.partition(), &records);
+        }
+    }
     for e in committed.elements() {
         let restore = Restore::from_metadata(e.metadata());
         debug!(
@@ -653,6 +668,61 @@ fn handle_rebalances<S: Stage>(
         );
         stage.assigned(e.partition(), restore);
     }
+}
+
+/// Reads one partition of a state topic from its start to its current end, with a private
+/// consumer that joins no group (live groups are not disturbed and nothing is committed).
+/// A broker that cannot be reached gives what was read (possibly nothing): the stage then
+/// rebuilds from the input, slower but correct.
+fn read_state(ctx: &RunContext, topic: &str, partition: i32) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut config = client_config(&ctx.kafka);
+    config.set("group.id", format!("{}.state-reader", ctx.group_id));
+    config.set("enable.auto.commit", "false");
+    config.set("enable.partition.eof", "true");
+    let consumer: BaseConsumer = match config.create() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(topic, partition, error = %e, "cannot create the state reader");
+            return Vec::new();
+        }
+    };
+    let timeout = ctx.settings.shutdown_timeout.max(Duration::from_secs(5));
+    let (low, high) = match consumer.fetch_watermarks(topic, partition, timeout) {
+        Ok(w) => w,
+        Err(e) => {
+            warn!(topic, partition, error = %e, "state topic unreadable; starting without it");
+            return Vec::new();
+        }
+    };
+    if high <= low {
+        return Vec::new();
+    }
+    let mut tpl = TopicPartitionList::new();
+    if tpl
+        .add_partition_offset(topic, partition, Offset::Offset(low))
+        .is_err()
+        || consumer.assign(&tpl).is_err()
+    {
+        return Vec::new();
+    }
+    let deadline = Instant::now() + timeout * 6;
+    let mut records = Vec::new();
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                if let (Some(k), Some(v)) = (m.key(), m.payload()) {
+                    records.push((k.to_vec(), v.to_vec()));
+                }
+                if m.offset() + 1 >= high {
+                    break;
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => debug!(topic, partition, error = %e, "state read"),
+            None => {}
+        }
+    }
+    records
 }
 
 fn commit(consumer: &BaseConsumer<ConsumerCtx>, stage: &str) {

@@ -200,6 +200,10 @@ pub trait Stage {
 
     /// `partition` is no longer this stage's: drop its state.
     fn revoked(&mut self, _partition: i32) {}
+
+    /// For stages with a state topic: the records of `partition` of that topic, read from
+    /// its start when the partition was assigned (oldest first, so later ones win).
+    fn restore_state(&mut self, _partition: i32, _records: &[(Vec<u8>, Vec<u8>)]) {}
 }
 
 #[cfg(test)]

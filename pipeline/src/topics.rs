@@ -86,6 +86,9 @@ pub fn resolve(specs: &[TopicSpec], topics: &TopicsConfig) -> Vec<TopicSpec> {
                 Some("dead_letter") => topics.dead_letter.as_str(),
                 Some("late") => topics.late.as_str(),
                 Some("aggregates") => topics.aggregates.as_str(),
+                Some("anomalies") => topics.anomalies.as_str(),
+                Some("forecasts") => topics.forecasts.as_str(),
+                Some("model_state") => topics.model_state.as_str(),
                 _ => t.name.as_str(),
             };
             TopicSpec {

@@ -18,6 +18,7 @@ use crate::schemas;
 use crate::sql::store::WindowStore;
 use crate::sql::SqlEngine;
 use crate::stages::filter::{FilterStage, CLEAN, REASONS};
+use crate::stages::models::{ModelsStage, ANOMALIES, FORECASTS, STATE};
 use crate::stages::window::aggregate::AggregateError;
 use crate::stages::window::{WindowStage, AGGREGATES, LATE};
 
@@ -94,6 +95,7 @@ pub fn filter(
         clock,
         shutdown,
         avro,
+        state_topic: None,
     };
     Ok((stage, ctx))
 }
@@ -137,6 +139,47 @@ pub fn window(
         clock,
         shutdown,
         avro,
+        state_topic: None,
+    };
+    Ok((stage, ctx))
+}
+
+/// The models stage and the context that wires it to Kafka (aggregates in; anomalies,
+/// forecasts and snapshots out; snapshots read back on assignment).
+pub fn models(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    shutdown: Arc<AtomicBool>,
+    handle: tokio::runtime::Handle,
+) -> Result<(ModelsStage, RunContext), WiringError> {
+    metrics.declare_reasons("models", crate::stages::models::REASONS);
+    let cache = SchemaCache::default();
+    // Models read Avro aggregates when a registry is configured; their own outputs are JSON.
+    let avro = registry(config)?.map(|registry| AvroSupport {
+        registry,
+        cache: cache.clone(),
+        outputs: Vec::new(),
+        handle,
+    });
+    let stage = ModelsStage::new(config.models.clone(), AvroCodec { schemas: cache });
+    let topics = &config.topics;
+    let ctx = RunContext {
+        kafka: config.kafka.clone(),
+        group_id: config.models.group_id.clone(),
+        input_topic: topics.name(&topics.aggregates),
+        outputs: HashMap::from([
+            (ANOMALIES, topics.name(&topics.anomalies)),
+            (FORECASTS, topics.name(&topics.forecasts)),
+            (STATE, topics.name(&topics.model_state)),
+        ]),
+        dead_letter_topic: topics.name(&topics.dead_letter),
+        settings: config.runner.clone(),
+        metrics,
+        clock,
+        shutdown,
+        avro,
+        state_topic: Some(topics.name(&topics.model_state)),
     };
     Ok((stage, ctx))
 }

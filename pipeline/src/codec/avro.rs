@@ -424,6 +424,22 @@ impl AvroCodec {
         })
     }
 
+    /// Reads a Confluent-framed window aggregate.
+    pub(crate) fn read_aggregate(
+        &self,
+        payload: &[u8],
+    ) -> Result<super::AggregateWire, DecodeError> {
+        let entry = self.writer(payload)?;
+        let mut body = &payload[5..];
+        entry
+            .reader
+            .read_deser(&mut body)
+            .map_err(|e| DecodeError::Malformed {
+                format: "avro",
+                detail: e.to_string(),
+            })
+    }
+
     /// Encodes a window aggregate under the registered aggregates schema.
     pub fn encode_aggregate(
         &self,

@@ -144,6 +144,93 @@ pub fn encode_clean(
     }
 }
 
+/// Decodes a window aggregate (what the window stage writes) in whichever format it is in.
+pub fn decode_aggregate(
+    payload: &[u8],
+    avro: &AvroCodec,
+) -> Result<(Format, crate::stages::window::WindowAggregate), DecodeError> {
+    let format = Format::detect(payload)
+        .ok_or_else(|| DecodeError::UnknownFormat(payload.first().copied().unwrap_or(0)))?;
+    let wire: AggregateWire = match format {
+        Format::Json => serde_json::from_slice(payload).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => DecodeError::WrongType(e.to_string()),
+            _ => DecodeError::Malformed {
+                format: "json",
+                detail: e.to_string(),
+            },
+        })?,
+        Format::Avro => avro.read_aggregate(payload)?,
+    };
+    Ok((format, wire.into_aggregate()))
+}
+
+/// A window aggregate as either wire format spells it: times as RFC 3339 text (JSON) or
+/// epoch milliseconds (Avro).
+#[derive(serde::Deserialize)]
+#[serde(rename = "WindowAggregate")]
+pub(crate) struct AggregateWire {
+    window_id: String,
+    service: String,
+    metric: String,
+    #[serde(default)]
+    unit: Option<String>,
+    #[serde(deserialize_with = "epoch_ms")]
+    window_start: i64,
+    #[serde(deserialize_with = "epoch_ms")]
+    window_end: i64,
+    count: i64,
+    sum: f64,
+    mean: f64,
+    min: f64,
+    max: f64,
+    #[serde(default)]
+    stddev: Option<f64>,
+    p50: f64,
+    p95: f64,
+    p99: f64,
+    rate: f64,
+    instances: i64,
+}
+
+impl AggregateWire {
+    fn into_aggregate(self) -> crate::stages::window::WindowAggregate {
+        crate::stages::window::WindowAggregate {
+            window_id: self.window_id,
+            service: self.service,
+            metric: self.metric,
+            unit: self.unit,
+            window_start: self.window_start,
+            window_end: self.window_end,
+            count: self.count,
+            sum: self.sum,
+            mean: self.mean,
+            min: self.min,
+            max: self.max,
+            stddev: self.stddev,
+            p50: self.p50,
+            p95: self.p95,
+            p99: self.p99,
+            rate: self.rate,
+            instances: self.instances,
+        }
+    }
+}
+
+fn epoch_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Time {
+        Ms(i64),
+        Text(String),
+    }
+    match <Time as serde::Deserialize>::deserialize(d)? {
+        Time::Ms(ms) => Ok(ms),
+        Time::Text(t) => chrono::DateTime::parse_from_rfc3339(&t)
+            .map(|t| t.timestamp_millis())
+            .map_err(|e| serde::de::Error::custom(format!("time {t:?}: {e}"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

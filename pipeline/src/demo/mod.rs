@@ -135,6 +135,10 @@ pub struct DemoReport {
     pub windows: u64,
     /// Records that arrived after their window closed (sent to the late topic).
     pub late: u64,
+    /// Anomaly events the models stage emitted.
+    pub anomalies: u64,
+    /// Forecast records the models stage emitted.
+    pub forecasts: u64,
     /// Wall time the demo ran.
     pub duration_s: f64,
 }
@@ -332,6 +336,17 @@ pub async fn run(
         .name("window".into())
         .spawn(move || runner::run(stage, ctx))
         .map_err(|_| DemoError::Panicked)?;
+    let (stage, ctx) = wiring::models(
+        &config,
+        metrics.clone(),
+        clock.clone(),
+        shutdown.clone(),
+        tokio::runtime::Handle::current(),
+    )?;
+    let models_thread = std::thread::Builder::new()
+        .name("models".into())
+        .spawn(move || runner::run(stage, ctx))
+        .map_err(|_| DemoError::Panicked)?;
 
     let counts = Arc::new(ProduceCounts::default());
     let generator = Generator::new(config.demo.generator(), WireFormat::Json);
@@ -361,15 +376,24 @@ pub async fn run(
     );
     let _ = writeln!(
         out,
-        "{:>6}  {:>10}  {:>10}  {:>10}  {:>8}  {:>8}  {:>6}  dead letters by reason",
-        "time", "produced", "filter in", "clean out", "rejected", "windows", "late"
+        "{:>6}  {:>10}  {:>10}  {:>10}  {:>8}  {:>8}  {:>6}  {:>9}  {:>9}  dead letters by reason",
+        "time",
+        "produced",
+        "filter in",
+        "clean out",
+        "rejected",
+        "windows",
+        "late",
+        "forecasts",
+        "anomalies"
     );
     let filter = metrics.stage("filter");
     let window = metrics.stage("window");
+    let models = metrics.stage("models");
     let print = |out: &mut dyn Write| {
         let _ = writeln!(
             out,
-            "{:>5.0}s  {:>10}  {:>10}  {:>10}  {:>8}  {:>8}  {:>6}  {}",
+            "{:>5.0}s  {:>10}  {:>10}  {:>10}  {:>8}  {:>8}  {:>6}  {:>9}  {:>9}  {}",
             started.elapsed().as_secs_f64(),
             counts.produced.load(Ordering::Relaxed),
             filter.records_in.load(Ordering::Relaxed),
@@ -377,6 +401,8 @@ pub async fn run(
             filter.dead_lettered_total(),
             window.output(crate::stages::window::AGGREGATES),
             window.output(crate::stages::window::LATE),
+            models.output(crate::stages::models::FORECASTS),
+            models.output(crate::stages::models::ANOMALIES),
             reasons_line(&filter.dead_lettered_by_reason())
         );
     };
@@ -417,6 +443,11 @@ pub async fn run(
     while window.records_in.load(Ordering::Relaxed) < clean && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // And the models with every aggregate.
+    let aggregates = window.output(crate::stages::window::AGGREGATES);
+    while models.records_in.load(Ordering::Relaxed) < aggregates && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     shutdown.store(true, Ordering::Relaxed);
     let summary = tokio::task::spawn_blocking(move || filter_thread.join())
         .await
@@ -428,6 +459,13 @@ pub async fn run(
         .map_err(|_| DemoError::Panicked)?;
     if let Err(e) = window_summary {
         warn!(error = %e, "window stage stopped with an error");
+    }
+    let models_summary = tokio::task::spawn_blocking(move || models_thread.join())
+        .await
+        .map_err(|_| DemoError::Panicked)?
+        .map_err(|_| DemoError::Panicked)?;
+    if let Err(e) = models_summary {
+        warn!(error = %e, "models stage stopped with an error");
     }
     drop(http);
     if let Some(pg) = pg {
@@ -447,6 +485,8 @@ pub async fn run(
             .unwrap_or_default(),
         windows: window.output(crate::stages::window::AGGREGATES),
         late: window.output(crate::stages::window::LATE),
+        anomalies: models.output(crate::stages::models::ANOMALIES),
+        forecasts: models.output(crate::stages::models::FORECASTS),
         duration_s: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
     })
 }

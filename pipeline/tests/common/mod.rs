@@ -74,6 +74,7 @@ impl Target {
         config.http.enabled = false;
         config.filter.group_id = format!("{}filter", config.topics.prefix);
         config.window.group_id = format!("{}window", config.topics.prefix);
+        config.models.group_id = format!("{}models", config.topics.prefix);
         config.sql.pg_enabled = false;
         config.runner.poll_timeout = Duration::from_millis(50);
         let specs = ebb::topics::declared(&config).expect("topics");
@@ -151,6 +152,14 @@ impl RunningStage {
     pub fn start_window(config: &Config, rt: &tokio::runtime::Runtime) -> Self {
         Self::spawn(|metrics, clock, shutdown| {
             ebb::wiring::window(config, metrics, clock, shutdown, rt.handle().clone(), None)
+                .expect("wiring")
+        })
+    }
+
+    /// The models stage.
+    pub fn start_models(config: &Config, rt: &tokio::runtime::Runtime) -> Self {
+        Self::spawn(|metrics, clock, shutdown| {
+            ebb::wiring::models(config, metrics, clock, shutdown, rt.handle().clone())
                 .expect("wiring")
         })
     }
