@@ -74,6 +74,17 @@ pub enum DecodeError {
     UnknownFormat(u8),
 }
 
+/// Every dead-letter reason of a stage whose input is another stage's output: an empty
+/// value, or one of [`DecodeError::reason`]'s.
+pub const DECODE_REASONS: &[&str] = &[
+    "empty_payload",
+    "unknown_format",
+    "malformed",
+    "missing_field",
+    "wrong_type",
+    "unknown_schema_id",
+];
+
 impl DecodeError {
     /// The dead-letter reason for this error.
     pub fn reason(&self) -> &'static str {

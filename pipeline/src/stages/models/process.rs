@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::config::{ModelsConfig, Statistic};
 use super::detect::{AnomalyModel, DetectorScore};
 use super::forecast::{Forecaster, Prediction};
-use crate::codec::{self, AvroCodec, DecodeError};
+use crate::codec::{self, AvroCodec};
 use crate::stage::{Checkpoint, Emitter, Input, Output, Restore, Stage};
 use crate::stages::window::aggregate::ms_to_rfc3339;
 use crate::stages::window::WindowAggregate;
@@ -30,15 +30,9 @@ pub const STATE: &str = "state";
 /// Version of the snapshot layout; a snapshot of another layout is not restored.
 pub const SNAPSHOT_LAYOUT: u32 = 1;
 
-/// Every reason the models stage dead-letters a record.
-pub const REASONS: &[&str] = &[
-    "empty_payload",
-    "unknown_format",
-    "malformed",
-    "missing_field",
-    "wrong_type",
-    "unknown_schema_id",
-];
+/// Every reason the models stage dead-letters a record (aggregates that do not read as
+/// aggregates: a producer other than the window stage wrote to the topic).
+pub const REASONS: &[&str] = codec::DECODE_REASONS;
 
 /// What the stage has done.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -485,14 +479,7 @@ impl Stage for ModelsStage {
             Ok((_, a)) => a,
             Err(e) => {
                 if emit {
-                    let reason = match &e {
-                        DecodeError::UnknownFormat(_) => "unknown_format",
-                        DecodeError::UnknownSchemaId(_) => "unknown_schema_id",
-                        DecodeError::MissingField(_) => "missing_field",
-                        DecodeError::WrongType(_) => "wrong_type",
-                        DecodeError::Malformed { .. } => "malformed",
-                    };
-                    out.dead_letter(input, reason, e.to_string());
+                    out.dead_letter(input, e.reason(), e.to_string());
                 }
                 return;
             }

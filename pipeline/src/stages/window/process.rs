@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 
 use super::aggregate::{ms_to_rfc3339, AggregateError, Aggregator, Rows, WindowAggregate};
 use super::config::{WindowConfig, WindowSpec};
-use crate::codec::{self, AvroCodec, DecodeError, Format};
+use crate::codec::{self, AvroCodec, Format};
 use crate::record::CleanSample;
 use crate::sql::store::WindowStore;
 use crate::stage::{Checkpoint, Emitter, Input, Output, Restore, Stage};
@@ -24,14 +24,7 @@ pub const LATE: &str = "late";
 
 /// Every reason the window stage dead-letters a record (clean telemetry that does not read
 /// as clean telemetry: a producer other than the filter wrote to the topic).
-pub const REASONS: &[&str] = &[
-    "empty_payload",
-    "unknown_format",
-    "malformed",
-    "missing_field",
-    "wrong_type",
-    "unknown_schema_id",
-];
+pub const REASONS: &[&str] = codec::DECODE_REASONS;
 
 /// What the stage has done, for metrics and the demo's live view.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -412,14 +405,7 @@ impl Stage for WindowStage {
             Ok(v) => v,
             Err(e) => {
                 if !replaying {
-                    let reason = match &e {
-                        DecodeError::UnknownFormat(_) => "unknown_format",
-                        DecodeError::UnknownSchemaId(_) => "unknown_schema_id",
-                        DecodeError::MissingField(_) => "missing_field",
-                        DecodeError::WrongType(_) => "wrong_type",
-                        _ => "malformed",
-                    };
-                    out.dead_letter(input, reason, e.to_string());
+                    out.dead_letter(input, e.reason(), e.to_string());
                 }
                 return;
             }
