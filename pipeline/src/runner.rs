@@ -672,8 +672,9 @@ fn handle_rebalances<S: Stage>(
 
 /// Reads one partition of a state topic from its start to its current end, with a private
 /// consumer that joins no group (live groups are not disturbed and nothing is committed).
-/// A broker that cannot be reached gives what was read (possibly nothing): the stage then
-/// rebuilds from the input, slower but correct.
+/// A broker that cannot be reached gives what was read (possibly nothing), with a warning:
+/// the stage then starts the models it found no state for afresh. That is a loss of
+/// learned state, not of records, and it never blocks the partition.
 fn read_state(ctx: &RunContext, topic: &str, partition: i32) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut config = client_config(&ctx.kafka);
     config.set("group.id", format!("{}.state-reader", ctx.group_id));
