@@ -38,6 +38,9 @@ pub enum BenchError {
     /// Timed out.
     #[error("{0}")]
     Timeout(String),
+    /// The stage thread could not be started.
+    #[error("cannot start the stage thread: {0}")]
+    Thread(#[from] std::io::Error),
 }
 
 /// The figures, printed as a table and as the JSON last line.
@@ -211,7 +214,7 @@ fn filter_through_broker(
         state_topic: None,
     };
     let counts = metrics.stage("filter");
-    let handle = std::thread::spawn(move || runner::run(stage, ctx));
+    let handle = runner::spawn(stage, ctx)?;
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut t0: Option<Instant> = None;
     while counts.records_in.load(Ordering::Relaxed) < n {

@@ -647,9 +647,7 @@ async fn run_stages(config: Config, stages: &[StageName]) -> Result<()> {
                     shutdown.clone(),
                     handle.clone(),
                 )?;
-                std::thread::Builder::new()
-                    .name("filter".into())
-                    .spawn(move || runner::run(stage, ctx))?
+                runner::spawn(stage, ctx)?
             }
             StageName::Window => {
                 let (stage, ctx) = wiring::window(
@@ -660,9 +658,7 @@ async fn run_stages(config: Config, stages: &[StageName]) -> Result<()> {
                     handle.clone(),
                     store.clone(),
                 )?;
-                std::thread::Builder::new()
-                    .name("window".into())
-                    .spawn(move || runner::run(stage, ctx))?
+                runner::spawn(stage, ctx)?
             }
             StageName::Models => {
                 let (stage, ctx) = wiring::models(
@@ -672,9 +668,7 @@ async fn run_stages(config: Config, stages: &[StageName]) -> Result<()> {
                     shutdown.clone(),
                     handle.clone(),
                 )?;
-                std::thread::Builder::new()
-                    .name("models".into())
-                    .spawn(move || runner::run(stage, ctx))?
+                runner::spawn(stage, ctx)?
             }
             StageName::All => continue,
         };

@@ -443,6 +443,16 @@ impl Pending {
     }
 }
 
+/// Runs `stage` with [`run`] on a thread of its own, named after the stage.
+pub fn spawn<S: Stage + Send + 'static>(
+    stage: S,
+    ctx: RunContext,
+) -> std::io::Result<std::thread::JoinHandle<Result<RunSummary, RunnerError>>> {
+    std::thread::Builder::new()
+        .name(stage.name().into())
+        .spawn(move || run(stage, ctx))
+}
+
 /// Runs `stage` until `ctx.shutdown` is set. Blocking: call it on its own thread.
 ///
 /// Pipelined at-least-once: outputs are produced as records are processed, delivery reports

@@ -320,10 +320,7 @@ pub async fn run(
         shutdown.clone(),
         tokio::runtime::Handle::current(),
     )?;
-    let filter_thread = std::thread::Builder::new()
-        .name("filter".into())
-        .spawn(move || runner::run(stage, ctx))
-        .map_err(|_| DemoError::Panicked)?;
+    let filter_thread = runner::spawn(stage, ctx).map_err(|_| DemoError::Panicked)?;
     let (stage, ctx) = wiring::window(
         &config,
         metrics.clone(),
@@ -332,10 +329,7 @@ pub async fn run(
         tokio::runtime::Handle::current(),
         Some(store),
     )?;
-    let window_thread = std::thread::Builder::new()
-        .name("window".into())
-        .spawn(move || runner::run(stage, ctx))
-        .map_err(|_| DemoError::Panicked)?;
+    let window_thread = runner::spawn(stage, ctx).map_err(|_| DemoError::Panicked)?;
     let (stage, ctx) = wiring::models(
         &config,
         metrics.clone(),
@@ -343,10 +337,7 @@ pub async fn run(
         shutdown.clone(),
         tokio::runtime::Handle::current(),
     )?;
-    let models_thread = std::thread::Builder::new()
-        .name("models".into())
-        .spawn(move || runner::run(stage, ctx))
-        .map_err(|_| DemoError::Panicked)?;
+    let models_thread = runner::spawn(stage, ctx).map_err(|_| DemoError::Panicked)?;
 
     let counts = Arc::new(ProduceCounts::default());
     let generator = Generator::new(config.demo.generator(), WireFormat::Json);

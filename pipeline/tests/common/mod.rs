@@ -124,7 +124,7 @@ impl RunningStage {
         let shutdown = Arc::new(AtomicBool::new(false));
         let (stage, ctx) = wire(metrics.clone(), Arc::new(SystemClock), shutdown.clone());
         let name = stage.name();
-        let handle = std::thread::spawn(move || runner::run(stage, ctx));
+        let handle = runner::spawn(stage, ctx).expect("stage thread");
         Self {
             name,
             shutdown,
