@@ -13,7 +13,7 @@ use crate::codec::registry::{Registry, RegistryError};
 use crate::codec::{AvroCodec, SchemaCache};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::runner::{AvroSupport, RunContext};
+use crate::runner::{AvroSupport, OutputSchema, RunContext};
 use crate::schemas;
 use crate::sql::store::WindowStore;
 use crate::sql::SqlEngine;
@@ -60,6 +60,50 @@ pub fn registry(config: &Config) -> Result<Option<Registry>, RegistryError> {
         .transpose()
 }
 
+/// The schema cache a stage's codec reads and, when a registry is configured, the runner's
+/// access to it (it registers `outputs` at start-up and fills the cache as ids appear).
+fn avro_support(
+    config: &Config,
+    outputs: Vec<OutputSchema>,
+    handle: tokio::runtime::Handle,
+) -> Result<(SchemaCache, Option<AvroSupport>), RegistryError> {
+    let cache = SchemaCache::default();
+    let avro = registry(config)?.map(|registry| AvroSupport {
+        registry,
+        cache: cache.clone(),
+        outputs,
+        handle,
+    });
+    Ok((cache, avro))
+}
+
+/// What every stage's context shares: brokers, dead-letter topic, loop settings, metrics,
+/// clock, shutdown flag and registry access. Each stage adds its outputs (and state topic).
+fn context(
+    config: &Config,
+    group_id: &str,
+    input: &str,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    shutdown: Arc<AtomicBool>,
+    avro: Option<AvroSupport>,
+) -> RunContext {
+    let topics = &config.topics;
+    RunContext {
+        kafka: config.kafka.clone(),
+        group_id: group_id.to_string(),
+        input_topic: topics.name(input),
+        outputs: HashMap::new(),
+        dead_letter_topic: topics.name(&topics.dead_letter),
+        settings: config.runner.clone(),
+        metrics,
+        clock,
+        shutdown,
+        avro,
+        state_topic: None,
+    }
+}
+
 /// The filter stage and the context that wires it to Kafka.
 pub fn filter(
     config: &Config,
@@ -70,13 +114,7 @@ pub fn filter(
     handle: tokio::runtime::Handle,
 ) -> Result<(FilterStage, RunContext), RegistryError> {
     metrics.declare_reasons("filter", REASONS);
-    let cache = SchemaCache::default();
-    let avro = registry(config)?.map(|registry| AvroSupport {
-        registry,
-        cache: cache.clone(),
-        outputs: schemas::filter_outputs(&config.topics),
-        handle,
-    });
+    let (cache, avro) = avro_support(config, schemas::filter_outputs(&config.topics), handle)?;
     let stage = FilterStage::new(
         config.filter.clone(),
         key,
@@ -85,17 +123,16 @@ pub fn filter(
     );
     let topics = &config.topics;
     let ctx = RunContext {
-        kafka: config.kafka.clone(),
-        group_id: config.filter.group_id.clone(),
-        input_topic: topics.name(&topics.raw),
         outputs: HashMap::from([(CLEAN, topics.name(&topics.clean))]),
-        dead_letter_topic: topics.name(&topics.dead_letter),
-        settings: config.runner.clone(),
-        metrics,
-        clock,
-        shutdown,
-        avro,
-        state_topic: None,
+        ..context(
+            config,
+            &config.filter.group_id,
+            &topics.raw,
+            metrics,
+            clock,
+            shutdown,
+            avro,
+        )
     };
     Ok((stage, ctx))
 }
@@ -111,13 +148,7 @@ pub fn window(
     store: Option<Arc<WindowStore>>,
 ) -> Result<(WindowStage, RunContext), WiringError> {
     metrics.declare_reasons("window", crate::stages::window::REASONS);
-    let cache = SchemaCache::default();
-    let avro = registry(config)?.map(|registry| AvroSupport {
-        registry,
-        cache: cache.clone(),
-        outputs: schemas::window_outputs(&config.topics),
-        handle,
-    });
+    let (cache, avro) = avro_support(config, schemas::window_outputs(&config.topics), handle)?;
     let stage = WindowStage::new(
         config.window.clone(),
         AvroCodec { schemas: cache },
@@ -126,20 +157,19 @@ pub fn window(
     )?;
     let topics = &config.topics;
     let ctx = RunContext {
-        kafka: config.kafka.clone(),
-        group_id: config.window.group_id.clone(),
-        input_topic: topics.name(&topics.clean),
         outputs: HashMap::from([
             (AGGREGATES, topics.name(&topics.aggregates)),
             (LATE, topics.name(&topics.late)),
         ]),
-        dead_letter_topic: topics.name(&topics.dead_letter),
-        settings: config.runner.clone(),
-        metrics,
-        clock,
-        shutdown,
-        avro,
-        state_topic: None,
+        ..context(
+            config,
+            &config.window.group_id,
+            &topics.clean,
+            metrics,
+            clock,
+            shutdown,
+            avro,
+        )
     };
     Ok((stage, ctx))
 }
@@ -154,32 +184,26 @@ pub fn models(
     handle: tokio::runtime::Handle,
 ) -> Result<(ModelsStage, RunContext), WiringError> {
     metrics.declare_reasons("models", crate::stages::models::REASONS);
-    let cache = SchemaCache::default();
     // Models read Avro aggregates when a registry is configured; their own outputs are JSON.
-    let avro = registry(config)?.map(|registry| AvroSupport {
-        registry,
-        cache: cache.clone(),
-        outputs: Vec::new(),
-        handle,
-    });
+    let (cache, avro) = avro_support(config, Vec::new(), handle)?;
     let stage = ModelsStage::new(config.models.clone(), AvroCodec { schemas: cache });
     let topics = &config.topics;
     let ctx = RunContext {
-        kafka: config.kafka.clone(),
-        group_id: config.models.group_id.clone(),
-        input_topic: topics.name(&topics.aggregates),
         outputs: HashMap::from([
             (ANOMALIES, topics.name(&topics.anomalies)),
             (FORECASTS, topics.name(&topics.forecasts)),
             (STATE, topics.name(&topics.model_state)),
         ]),
-        dead_letter_topic: topics.name(&topics.dead_letter),
-        settings: config.runner.clone(),
-        metrics,
-        clock,
-        shutdown,
-        avro,
         state_topic: Some(topics.name(&topics.model_state)),
+        ..context(
+            config,
+            &config.models.group_id,
+            &topics.aggregates,
+            metrics,
+            clock,
+            shutdown,
+            avro,
+        )
     };
     Ok((stage, ctx))
 }
