@@ -398,18 +398,22 @@ struct CleanAvroOwned {
 }
 
 impl AvroCodec {
-    /// Decodes a Confluent-framed clean sample (what the filter writes).
-    pub fn decode_clean(&self, payload: &[u8]) -> Result<CleanSample, DecodeError> {
+    /// Reads a Confluent-framed record straight into `T` under its writer schema.
+    fn read<T: serde::de::DeserializeOwned>(&self, payload: &[u8]) -> Result<T, DecodeError> {
         let entry = self.writer(payload)?;
         let mut body = &payload[5..];
-        let c: CleanAvroOwned =
-            entry
-                .reader
-                .read_deser(&mut body)
-                .map_err(|e| DecodeError::Malformed {
-                    format: "avro",
-                    detail: e.to_string(),
-                })?;
+        entry
+            .reader
+            .read_deser(&mut body)
+            .map_err(|e| DecodeError::Malformed {
+                format: "avro",
+                detail: e.to_string(),
+            })
+    }
+
+    /// Decodes a Confluent-framed clean sample (what the filter writes).
+    pub fn decode_clean(&self, payload: &[u8]) -> Result<CleanSample, DecodeError> {
+        let c: CleanAvroOwned = self.read(payload)?;
         let ts = chrono::DateTime::parse_from_rfc3339(&c.ts)
             .map_err(|e| DecodeError::WrongType(format!("ts {:?}: {e}", c.ts)))?
             .with_timezone(&chrono::Utc);
@@ -429,15 +433,7 @@ impl AvroCodec {
         &self,
         payload: &[u8],
     ) -> Result<super::AggregateWire, DecodeError> {
-        let entry = self.writer(payload)?;
-        let mut body = &payload[5..];
-        entry
-            .reader
-            .read_deser(&mut body)
-            .map_err(|e| DecodeError::Malformed {
-                format: "avro",
-                detail: e.to_string(),
-            })
+        self.read(payload)
     }
 
     /// Encodes a window aggregate under the registered aggregates schema.
