@@ -75,14 +75,13 @@ fn row_at(series: &Series, t: i64, slack: i64) -> Option<usize> {
 }
 
 /// Runs the forecaster over `series` and scores every horizon.
-pub fn evaluate(series: &Series, asked: &ForecastConfig) -> ForecastScore {
-    let cfg = asked;
+pub fn evaluate(series: &Series, cfg: &ForecastConfig) -> ForecastScore {
     let step = series.step_ms().max(1);
     // A target counts when a row lands within half a step of it: sampling jitter is
     // tolerated, gaps are not filled.
     let slack = step / 2;
     // Horizons shorter than the sampling step are forecast one step ahead.
-    let cfg = &ForecastConfig {
+    let stepped = ForecastConfig {
         horizons: cfg
             .horizons
             .iter()
@@ -93,12 +92,12 @@ pub fn evaluate(series: &Series, asked: &ForecastConfig) -> ForecastScore {
             .collect(),
         ..cfg.clone()
     };
-    let labels: Vec<String> = asked.horizons.iter().map(|h| horizon_label(*h)).collect();
-    let mut model = Forecaster::new(cfg);
-    let mut acc: Vec<Acc> = cfg.horizons.iter().map(|_| Acc::default()).collect();
+    let labels: Vec<String> = cfg.horizons.iter().map(|h| horizon_label(*h)).collect();
+    let mut model = Forecaster::new(&stepped);
+    let mut acc: Vec<Acc> = stepped.horizons.iter().map(|_| Acc::default()).collect();
     for i in 0..series.len() {
         let (t, y) = (series.times[i], series.values[i]);
-        let predictions = model.update(t, y, cfg);
+        let predictions = model.update(t, y, &stepped);
         for (p, a) in predictions.iter().zip(acc.iter_mut()) {
             let Some(j) = row_at(series, p.target_ms, slack).filter(|&j| j > i) else {
                 continue;
@@ -123,7 +122,7 @@ pub fn evaluate(series: &Series, asked: &ForecastConfig) -> ForecastScore {
     let skill = |mae: f64, base: f64| if base > 0.0 { 1.0 - mae / base } else { 0.0 };
     let horizons = labels
         .into_iter()
-        .zip(&cfg.horizons)
+        .zip(&stepped.horizons)
         .zip(acc)
         .map(|((label, h), a)| {
             let n = a.n.max(1) as f64;

@@ -207,11 +207,10 @@ impl ModelsStage {
         self.counts
     }
 
-    /// Hands the stage the snapshots read from the state topic for `partition`; each is
-    /// restored when its service's next aggregate arrives. Snapshots of another model
-    /// version or layout, or that do not parse, are ignored (the service starts fresh).
-    pub fn restore_snapshots(&mut self, partition: i32, records: &[(Vec<u8>, Vec<u8>)]) {
-        let _ = partition;
+    /// Keeps the snapshots read from the state topic; each is restored when its service's
+    /// next aggregate arrives. Snapshots of another model version or layout, or that do not
+    /// parse, are ignored (the service starts fresh).
+    fn keep_snapshots(&mut self, records: &[(Vec<u8>, Vec<u8>)]) {
         for (_, value) in records {
             match serde_json::from_slice::<Snapshot>(value) {
                 Ok(s)
@@ -491,23 +490,15 @@ impl Stage for ModelsStage {
         let signals = self.names.len();
         let service = aggregate.service.clone();
         let state = self.state_for(&service, partition);
-        if aggregate.window_end <= state.last_window_end {
+        // Anything before the open window was modelled already (a redelivery).
+        let open_end = state.open.as_ref().map(|o| o.end);
+        if aggregate.window_end <= state.last_window_end
+            || open_end.is_some_and(|end| aggregate.window_end < end)
+        {
             self.counts.duplicates += 1;
             return;
         }
-        let newer = state
-            .open
-            .as_ref()
-            .is_some_and(|o| aggregate.window_end > o.end);
-        let older = state
-            .open
-            .as_ref()
-            .is_some_and(|o| aggregate.window_end < o.end);
-        if older {
-            self.counts.duplicates += 1;
-            return;
-        }
-        if newer {
+        if open_end.is_some_and(|end| aggregate.window_end > end) {
             self.close(&service, emit, out);
         }
         let state = self.state_for(&service, partition);
@@ -549,7 +540,7 @@ impl Stage for ModelsStage {
         self.restores.remove(&partition);
     }
 
-    fn restore_state(&mut self, partition: i32, records: &[(Vec<u8>, Vec<u8>)]) {
-        self.restore_snapshots(partition, records);
+    fn restore_state(&mut self, _partition: i32, records: &[(Vec<u8>, Vec<u8>)]) {
+        self.keep_snapshots(records);
     }
 }
