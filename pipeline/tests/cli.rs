@@ -231,21 +231,16 @@ fn sql_and_psql_query_a_running_demo_and_writes_are_refused() {
     // The table survived.
     assert!(sql("SELECT count(*) FROM windows", "csv").status.success());
 
-    let psql = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.to_string(),
-            "-U",
-            "ebb",
-            "-At",
-            "-c",
-            query,
-        ])
-        .env("PGCONNECT_TIMEOUT", "10")
-        .output();
-    match psql {
+    let port = pg.to_string();
+    let psql = |args: &[&str]| {
+        Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", "ebb"])
+            .args(args)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+    };
+    let psql_out = psql(&["-At", "-c", query]);
+    match psql_out {
         Ok(out) => {
             assert!(
                 out.status.success(),
@@ -253,19 +248,7 @@ fn sql_and_psql_query_a_running_demo_and_writes_are_refused() {
                 String::from_utf8_lossy(&out.stderr)
             );
             assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
-            let drop = Command::new("psql")
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &pg.to_string(),
-                    "-U",
-                    "ebb",
-                    "-c",
-                    "DROP TABLE windows",
-                ])
-                .output()
-                .unwrap();
+            let drop = psql(&["-c", "DROP TABLE windows"]).unwrap();
             assert!(!drop.status.success());
             assert!(String::from_utf8_lossy(&drop.stderr).contains("read-only"));
         }
