@@ -61,6 +61,7 @@ fn window(w: usize) -> Vec<WindowAggregate> {
             p99: *v,
             rate: 3.0,
             instances: 3,
+            top_instance: None,
         })
         .collect()
 }

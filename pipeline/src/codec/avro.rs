@@ -465,7 +465,7 @@ impl serde::Serialize for AggregateAvro<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let a = self.0;
-        let mut r = s.serialize_struct("WindowAggregate", 17)?;
+        let mut r = s.serialize_struct("WindowAggregate", 18)?;
         r.serialize_field("window_id", &a.window_id)?;
         r.serialize_field("service", &a.service)?;
         r.serialize_field("metric", &a.metric)?;
@@ -483,6 +483,7 @@ impl serde::Serialize for AggregateAvro<'_> {
         r.serialize_field("p99", &a.p99)?;
         r.serialize_field("rate", &a.rate)?;
         r.serialize_field("instances", &a.instances)?;
+        r.serialize_field("top_instance", &a.top_instance)?;
         r.end()
     }
 }

@@ -201,6 +201,8 @@ pub(crate) struct AggregateWire {
     p99: f64,
     rate: f64,
     instances: i64,
+    #[serde(default)]
+    top_instance: Option<String>,
 }
 
 impl AggregateWire {
@@ -223,6 +225,7 @@ impl AggregateWire {
             p99: self.p99,
             rate: self.rate,
             instances: self.instances,
+            top_instance: self.top_instance,
         }
     }
 }

@@ -274,6 +274,7 @@ mod tests {
             p99: 1.0,
             rate: 0.1,
             instances: 1,
+            top_instance: None,
         }
     }
 

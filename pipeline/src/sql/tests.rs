@@ -26,6 +26,7 @@ fn window(service: &str, start: i64, p95: f64) -> WindowAggregate {
         p99: 20.0,
         rate: 0.4,
         instances: 2,
+        top_instance: None,
     }
 }
 

@@ -74,6 +74,33 @@ pub enum Statistic {
     Total,
 }
 
+impl Statistic {
+    /// This statistic of a window aggregate.
+    pub fn of(self, a: &crate::stages::window::WindowAggregate) -> f64 {
+        match self {
+            Statistic::Mean => a.mean,
+            Statistic::Min => a.min,
+            Statistic::Max => a.max,
+            Statistic::P50 => a.p50,
+            Statistic::P95 => a.p95,
+            Statistic::P99 => a.p99,
+            Statistic::Sum => a.sum,
+            #[allow(clippy::cast_precision_loss)]
+            Statistic::Count => a.count as f64,
+            Statistic::Rate => a.rate,
+            #[allow(clippy::cast_precision_loss)]
+            Statistic::Total => a.mean * a.instances.max(1) as f64,
+        }
+    }
+}
+
+impl SignalSpec {
+    /// True when `metric` is one of this signal's metrics.
+    pub fn matches(&self, metric: &str) -> bool {
+        crate::glob::glob_match(&self.metric, metric)
+    }
+}
+
 impl Default for ModelsConfig {
     fn default() -> Self {
         let signal = |name: &str, statistic| SignalSpec {

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::config::{ModelsConfig, Statistic};
+use super::config::ModelsConfig;
 use super::detect::{AnomalyModel, DetectorScore};
 use super::forecast::{Forecaster, Prediction};
 use crate::codec::{self, AvroCodec};
@@ -235,24 +235,8 @@ impl ModelsStage {
     }
 
     fn signal_of(&self, a: &WindowAggregate) -> Option<(usize, f64)> {
-        let i = self
-            .cfg
-            .signals
-            .iter()
-            .position(|s| crate::glob::glob_match(&s.metric, &a.metric))?;
-        let v = match self.cfg.signals[i].statistic {
-            Statistic::Mean => a.mean,
-            Statistic::Min => a.min,
-            Statistic::Max => a.max,
-            Statistic::P50 => a.p50,
-            Statistic::P95 => a.p95,
-            Statistic::P99 => a.p99,
-            Statistic::Sum => a.sum,
-            Statistic::Count => a.count as f64,
-            Statistic::Rate => a.rate,
-            Statistic::Total => a.mean * a.instances.max(1) as f64,
-        };
-        Some((i, v))
+        let i = self.cfg.signals.iter().position(|s| s.matches(&a.metric))?;
+        Some((i, self.cfg.signals[i].statistic.of(a)))
     }
 
     fn state_for(&mut self, service: &str, partition: i32) -> &mut ServiceState {

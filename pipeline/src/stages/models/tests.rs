@@ -259,6 +259,7 @@ fn run_stage(windows: usize, fault: usize) -> Vec<crate::stage::Output> {
                 p99: value,
                 rate: 1.0,
                 instances: 1,
+                top_instance: None,
             };
             let payload = serde_json::to_vec(&a).unwrap_or_default();
             let mut emitter = Emitter::new();

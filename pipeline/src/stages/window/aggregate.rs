@@ -151,6 +151,9 @@ pub struct WindowAggregate {
     pub rate: f64,
     /// Distinct instances that reported.
     pub instances: i64,
+    /// The instance that reported the window's highest value (ties: the smallest id): with
+    /// error rates or latencies, the instance a restart policy would look at.
+    pub top_instance: Option<String>,
 }
 
 fn rfc3339_ms<S: serde::Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
@@ -175,7 +178,8 @@ const QUERY: &str = "SELECT service, metric, window_start, window_end, max(unit)
     approx_percentile_cont(0.5) WITHIN GROUP (ORDER BY value) AS p50, \
     approx_percentile_cont(0.95) WITHIN GROUP (ORDER BY value) AS p95, \
     approx_percentile_cont(0.99) WITHIN GROUP (ORDER BY value) AS p99, \
-    count(DISTINCT instance) AS instances \
+    count(DISTINCT instance) AS instances, \
+    first_value(instance ORDER BY value DESC, instance ASC) AS top_instance \
     FROM buffered GROUP BY service, metric, window_start, window_end";
 
 /// Runs the window query. One partition, so results depend only on the rows and their
@@ -285,6 +289,7 @@ fn decode(b: &RecordBatch, out: &mut Vec<WindowAggregate>) -> Result<(), Aggrega
     .map(|(i, name)| f64_col(b, i, name));
     let (total, mean, lo, hi, sd, p50, p95, p99) = (total?, mean?, lo?, hi?, sd?, p50?, p95?, p99?);
     let instances = col::<Int64Array>(b, 14, "instances")?;
+    let top = str_col(b, 15, "top_instance")?;
     for i in 0..b.num_rows() {
         let (s, e) = (start.value(i), end.value(i));
         let count = n.value(i);
@@ -308,6 +313,7 @@ fn decode(b: &RecordBatch, out: &mut Vec<WindowAggregate>) -> Result<(), Aggrega
             p99: p99.value(i),
             rate,
             instances: instances.value(i),
+            top_instance: (!top.is_null(i)).then(|| top.value(i).to_string()),
         });
     }
     Ok(())
@@ -334,6 +340,7 @@ pub fn windows_schema() -> SchemaRef {
         Field::new("p99", DataType::Float64, false),
         Field::new("rate", DataType::Float64, false),
         Field::new("instances", DataType::Int64, false),
+        Field::new("top_instance", DataType::Utf8, true),
     ]))
 }
 
@@ -350,6 +357,7 @@ pub fn to_batch(rows: &[WindowAggregate]) -> Result<RecordBatch, ArrowError> {
     let mut floats: [Float64Builder; 9] = std::array::from_fn(|_| Float64Builder::with_capacity(n));
     let mut stddev = Float64Builder::with_capacity(n);
     let mut instances = Int64Builder::with_capacity(n);
+    let mut top = StringBuilder::with_capacity(n, n * 16);
     for r in rows {
         id.append_value(&r.window_id);
         service.append_value(&r.service);
@@ -365,6 +373,7 @@ pub fn to_batch(rows: &[WindowAggregate]) -> Result<RecordBatch, ArrowError> {
         }
         stddev.append_option(r.stddev);
         instances.append_value(r.instances);
+        top.append_option(r.top_instance.as_deref());
     }
     let [mut sum, mut mean, mut min, mut max, mut p50, mut p95, mut p99, mut rate, _] = floats;
     let columns: Vec<ArrayRef> = vec![
@@ -385,6 +394,7 @@ pub fn to_batch(rows: &[WindowAggregate]) -> Result<RecordBatch, ArrowError> {
         Arc::new(p99.finish()),
         Arc::new(rate.finish()),
         Arc::new(instances.finish()),
+        Arc::new(top.finish()),
     ];
     RecordBatch::try_new(windows_schema(), columns)
 }
