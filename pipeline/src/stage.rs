@@ -189,6 +189,10 @@ pub trait Stage {
     /// Time moved on to `now` (wall time from the runner, simulated time in replay).
     fn on_time(&mut self, _now: DateTime<Utc>, _out: &mut Emitter) {}
 
+    /// The runner is about to make what was processed so far durable (a transaction commit,
+    /// or a batch's offsets): emit the state changed since the last flush, as a changelog.
+    fn flush(&mut self, _out: &mut Emitter) {}
+
     /// For stateful stages: what must be re-read of `partition` to rebuild the state held
     /// now. Stateless stages keep the default (`None`): commit at the processed position.
     fn checkpoint(&self, _partition: i32) -> Option<Checkpoint> {
