@@ -27,12 +27,14 @@ pub enum Target {
 
 impl Target {
     pub fn mock() -> Self {
+        logs();
         Target::Mock(MockCluster::new(3).expect("mock cluster"))
     }
 
     /// The real broker and registry, or `None` outside CI when they are not running.
     /// In CI (CI=true) a missing broker fails the test: it must never skip silently there.
     pub fn real() -> Option<Self> {
+        logs();
         let brokers = std::env::var("EBB_TEST_BROKERS")
             .ok()
             .filter(|v| !v.is_empty());
@@ -323,4 +325,14 @@ pub fn read_exactly(
         }
     }
     out
+}
+
+/// Stage logs in a test's output when RUST_LOG asks for them.
+fn logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
 }

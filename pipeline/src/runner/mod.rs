@@ -27,6 +27,9 @@ use crate::config::RunnerConfig;
 use crate::metrics::{Metrics, PartitionLabel, StageLabel};
 use crate::stage::{Checkpoint, DeadLetter, Emitter, Input, Output, Restore, Source, Stage};
 
+mod transactional;
+pub use transactional::run_transactional;
+
 /// Why a runner stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -36,6 +39,9 @@ pub enum RunnerError {
     /// A stage has an output that no topic was given for.
     #[error("stage output {0:?} has no topic")]
     UnknownOutput(String),
+    /// A crash injected by `crash_before_commit`.
+    #[error("crashed on purpose before committing transaction {0}")]
+    InjectedCrash(u64),
     /// Shutdown gave up waiting for the broker; uncommitted input will be read again.
     #[error("shutdown timed out after {0:?} waiting for the broker to acknowledge outputs")]
     ShutdownTimeout(Duration),
@@ -72,8 +78,9 @@ pub struct RunContext {
     pub kafka: BTreeMap<String, String>,
     /// Consumer group.
     pub group_id: String,
-    /// Topic the stage reads.
-    pub input_topic: String,
+    /// Topics the stage reads (several only when co-partitioned: same partition count and
+    /// keys, so partition n of each lands on the same consumer).
+    pub input_topics: Vec<String>,
     /// Topic for each of the stage's named outputs.
     pub outputs: HashMap<&'static str, String>,
     /// Dead-letter topic.
@@ -91,13 +98,17 @@ pub struct RunContext {
     /// The stage's state topic (compacted, partitioned like the input), read back into the
     /// stage for each partition it is assigned.
     pub state_topic: Option<String>,
+    /// Fault injection for tests of the transactional runner: after this many committed
+    /// transactions, the next one is produced (and flushed) but never committed, and the
+    /// runner returns at once, as if the process had been killed there.
+    pub crash_before_commit: Option<u64>,
 }
 
 impl std::fmt::Debug for RunContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunContext")
             .field("group_id", &self.group_id)
-            .field("input_topic", &self.input_topic)
+            .field("input_topics", &self.input_topics)
             .finish()
     }
 }
@@ -135,6 +146,10 @@ struct ConsumerCtx {
     /// Partitions assigned or revoked since the loop last looked, for the stage to hear of
     /// before it sees any record of theirs.
     rebalances: Mutex<Vec<PartitionEvent>>,
+    /// Commit the stored offsets when partitions are revoked (at-least-once). Never under
+    /// transactions: offsets commit only inside a committed transaction, or the next owner
+    /// would skip what an aborted one consumed.
+    commit_on_revoke: bool,
 }
 
 /// A partition given to, or taken from, this consumer.
@@ -183,9 +198,11 @@ impl ConsumerContext for ConsumerCtx {
             }
             // Offsets stored so far belong to acknowledged batches: commit them before the
             // partitions move, so the next owner starts where this one stopped.
-            match consumer.commit_consumer_state(CommitMode::Sync) {
-                Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-                Err(e) => warn!(stage = self.stage, error = %e, "commit on revoke failed"),
+            if self.commit_on_revoke {
+                match consumer.commit_consumer_state(CommitMode::Sync) {
+                    Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+                    Err(e) => warn!(stage = self.stage, error = %e, "commit on revoke failed"),
+                }
             }
             info!(
                 stage = self.stage,
@@ -453,6 +470,17 @@ pub fn spawn<S: Stage + Send + 'static>(
         .spawn(move || run(stage, ctx))
 }
 
+/// Runs `stage` with [`run_transactional`] on a thread of its own, named after the stage.
+pub fn spawn_transactional<S: Stage + Send + 'static>(
+    stage: S,
+    ctx: RunContext,
+    transactional_id: String,
+) -> std::io::Result<std::thread::JoinHandle<Result<RunSummary, RunnerError>>> {
+    std::thread::Builder::new()
+        .name(stage.name().into())
+        .spawn(move || run_transactional(stage, ctx, &transactional_id))
+}
+
 /// Runs `stage` until `ctx.shutdown` is set. Blocking: call it on its own thread.
 ///
 /// Pipelined at-least-once: outputs are produced as records are processed, delivery reports
@@ -471,8 +499,10 @@ pub fn run<S: Stage>(mut stage: S, ctx: RunContext) -> Result<RunSummary, Runner
         stage: name,
         metrics: ctx.metrics.clone(),
         rebalances: Mutex::new(Vec::new()),
+        commit_on_revoke: true,
     })?;
-    consumer.subscribe(&[&ctx.input_topic])?;
+    let topics: Vec<&str> = ctx.input_topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
     let mut pc = client_config(&ctx.kafka);
     set_default(&mut pc, "enable.idempotence", "true");
     set_default(&mut pc, "linger.ms", "5");
@@ -483,7 +513,7 @@ pub fn run<S: Stage>(mut stage: S, ctx: RunContext) -> Result<RunSummary, Runner
     if let Some(avro) = &ctx.avro {
         register_outputs(avro, &ctx, name, false);
     }
-    info!(stage = name, group = %ctx.group_id, input = %ctx.input_topic, "stage running");
+    info!(stage = name, group = %ctx.group_id, input = ?ctx.input_topics, "stage running");
 
     let label = StageLabel {
         stage: name.to_string(),
@@ -568,6 +598,13 @@ pub fn run<S: Stage>(mut stage: S, ctx: RunContext) -> Result<RunSummary, Runner
                 checkpoint,
             );
             consumed += 1;
+        }
+        stage.flush(&mut emitter);
+        if !emitter.is_empty() {
+            let (tracker, records) = collect(name, &ctx, &mut emitter, None)?;
+            for r in &records {
+                send(&producer, r, &tracker);
+            }
         }
         producer.poll(Duration::ZERO);
         loop_state.settle(&consumer, &producer, &ctx, &label);
@@ -657,15 +694,18 @@ fn handle_rebalances<S: Stage>(
         }
     };
     if let Some(topic) = &ctx.state_topic {
-        for e in committed.elements() {
-            let records = read_state(ctx, topic, e.partition());
+        // Co-partitioned inputs share one state partition: read it once.
+        let partitions: std::collections::BTreeSet<i32> =
+            committed.elements().iter().map(|e| e.partition()).collect();
+        for partition in partitions {
+            let records = read_state(ctx, topic, partition);
             info!(
                 stage = stage.name(),
-                partition = e.partition(),
+                partition,
                 records = records.len(),
                 "state read back"
             );
-            stage.restore_state(e.partition(), &records);
+            stage.restore_state(partition, &records);
         }
     }
     for e in committed.elements() {
@@ -690,6 +730,8 @@ fn read_state(ctx: &RunContext, topic: &str, partition: i32) -> Vec<(Vec<u8>, Ve
     config.set("group.id", format!("{}.state-reader", ctx.group_id));
     config.set("enable.auto.commit", "false");
     config.set("enable.partition.eof", "true");
+    // State written in transactions counts only once committed.
+    config.set("isolation.level", "read_committed");
     let consumer: BaseConsumer = match config.create() {
         Ok(c) => c,
         Err(e) => {
