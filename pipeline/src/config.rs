@@ -89,6 +89,12 @@ pub struct Config {
     pub sql: SqlConfig,
     /// The anomaly detectors and the forecaster (`ebb eval` reads them too).
     pub models: crate::stages::models::ModelsConfig,
+    /// The scale and restart policies.
+    pub decide: crate::stages::decide::DecideConfig,
+    /// The actuators that carry commands out.
+    pub actuate: crate::actuators::ActuateConfig,
+    /// The simulated service of `ebb replay`.
+    pub replay: crate::replay::ReplayConfig,
     /// `ebb demo` and its synthetic telemetry.
     pub demo: DemoConfig,
 }
@@ -108,6 +114,9 @@ impl Default for Config {
             window: WindowConfig::default(),
             sql: SqlConfig::default(),
             models: Default::default(),
+            decide: Default::default(),
+            actuate: Default::default(),
+            replay: Default::default(),
             demo: DemoConfig::default(),
         }
     }
@@ -158,6 +167,12 @@ pub struct TopicsConfig {
     pub forecasts: String,
     /// Compacted model snapshots. Default `model-state`.
     pub model_state: String,
+    /// Scale and restart commands. Default `commands`.
+    pub commands: String,
+    /// What actuators did with each command. Default `actuations`.
+    pub actuations: String,
+    /// The decide stage's compacted state changelog. Default `decide-state`.
+    pub decide_state: String,
 }
 
 impl Default for TopicsConfig {
@@ -172,6 +187,9 @@ impl Default for TopicsConfig {
             anomalies: "anomalies".into(),
             forecasts: "forecasts".into(),
             model_state: "model-state".into(),
+            commands: "commands".into(),
+            actuations: "actuations".into(),
+            decide_state: "decide-state".into(),
         }
     }
 }
@@ -268,7 +286,8 @@ impl Config {
     }
 
     /// Applies `EBB_BROKERS`, `EBB_REGISTRY_URL`, `EBB_ANON_KEY`, `EBB_TOPIC_PREFIX`,
-    /// `EBB_HTTP_LISTEN` and `EBB_PG_LISTEN`.
+    /// `EBB_HTTP_LISTEN`, `EBB_PG_LISTEN`, `EBB_DECIDE_TRANSACTIONAL_ID` and
+    /// `EBB_WEBHOOK_SECRET`.
     pub fn apply_env(&mut self, env: Env<'_>) {
         if let Some(v) = env("EBB_BROKERS") {
             self.kafka.insert("bootstrap.servers".into(), v);
@@ -287,6 +306,12 @@ impl Config {
         }
         if let Some(v) = env("EBB_PG_LISTEN") {
             self.sql.pg_listen = v;
+        }
+        if let Some(v) = env("EBB_DECIDE_TRANSACTIONAL_ID") {
+            self.decide.transactional_id = v;
+        }
+        if let Some(v) = env("EBB_WEBHOOK_SECRET") {
+            self.actuate.webhook.secret = Some(Secret::new(v));
         }
     }
 
@@ -324,6 +349,9 @@ impl Config {
             ("topics.anomalies", &self.topics.anomalies),
             ("topics.forecasts", &self.topics.forecasts),
             ("topics.model_state", &self.topics.model_state),
+            ("topics.commands", &self.topics.commands),
+            ("topics.actuations", &self.topics.actuations),
+            ("topics.decide_state", &self.topics.decide_state),
         ] {
             let full = self.topics.name(name);
             if full.is_empty()
@@ -357,6 +385,15 @@ impl Config {
         self.window.validate()?;
         self.sql.validate()?;
         self.models.validate()?;
+        let signals: Vec<&str> = self
+            .models
+            .signals
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        self.decide.validate(&signals)?;
+        self.actuate.validate()?;
+        self.replay.validate()?;
         self.demo.validate()?;
         Ok(())
     }

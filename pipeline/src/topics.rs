@@ -89,6 +89,9 @@ pub fn resolve(specs: &[TopicSpec], topics: &TopicsConfig) -> Vec<TopicSpec> {
                 Some("anomalies") => topics.anomalies.as_str(),
                 Some("forecasts") => topics.forecasts.as_str(),
                 Some("model_state") => topics.model_state.as_str(),
+                Some("commands") => topics.commands.as_str(),
+                Some("actuations") => topics.actuations.as_str(),
+                Some("decide_state") => topics.decide_state.as_str(),
                 _ => t.name.as_str(),
             };
             TopicSpec {

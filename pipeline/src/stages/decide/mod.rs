@@ -1,0 +1,12 @@
+//! **decide**: forecasts, anomalies and window aggregates in; `scale` and `restart` commands
+//! out, each with its policy, evidence and reason, under safety limits that come first.
+
+pub mod config;
+pub mod policy;
+pub mod process;
+
+#[cfg(test)]
+mod tests;
+
+pub use config::DecideConfig;
+pub use process::{Command, DecideCounts, DecideInputs, DecideStage, COMMANDS, REASONS, STATE};
