@@ -203,7 +203,7 @@ fn filter_through_broker(
     let ctx = RunContext {
         kafka: config.kafka.clone(),
         group_id: format!("bench-filter-{}", rand::random::<u32>()),
-        input_topic: topic.to_string(),
+        input_topics: vec![topic.to_string()],
         outputs: HashMap::from([(CLEAN, format!("{prefix}telemetry.clean"))]),
         dead_letter_topic: format!("{prefix}telemetry.dead-letter"),
         settings: config.runner.clone(),
@@ -212,6 +212,7 @@ fn filter_through_broker(
         shutdown: shutdown.clone(),
         avro: None,
         state_topic: None,
+        crash_before_commit: None,
     };
     let counts = metrics.stage("filter");
     let handle = runner::spawn(stage, ctx)?;
