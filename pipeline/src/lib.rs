@@ -4,7 +4,9 @@
 //! decide → actuators. Each stage is a plain value implementing [`stage::Stage`]; the
 //! [`runner`] wires any stage to Kafka, and `ebb demo` and replay drive the same values.
 
+pub mod actuators;
 pub mod bench;
+pub mod bench_decide;
 pub mod bench_models;
 pub mod bench_window;
 pub mod clock;
@@ -15,6 +17,7 @@ pub mod eval;
 pub mod glob;
 pub mod metrics;
 pub mod record;
+pub mod replay;
 pub mod runner;
 pub mod schemas;
 pub mod sql;

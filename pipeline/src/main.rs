@@ -62,6 +62,41 @@ enum Command {
         #[arg(long, value_name = "ADDR:PORT")]
         http: Option<String>,
     },
+    /// Carry commands out: a consumer group on `commands`, one record per command on
+    /// `actuations`, idempotent by command id.
+    Actuate {
+        /// How commands are carried out.
+        #[arg(long, value_enum)]
+        driver: DriverName,
+        /// Record what would be done, do nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Webhook URL (overrides actuate.webhook.url).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+        /// HTTP listen address for /metrics and /healthz [default: http.listen].
+        #[arg(long, value_name = "ADDR:PORT")]
+        http: Option<String>,
+    },
+    /// Backtest ebb's scaling policy on a recorded load against a reactive HPA baseline,
+    /// static provisioning and an oracle; writes report.json, report.md and plots.
+    Replay {
+        /// CSV file: one service's request rate over time.
+        #[arg(long, value_name = "CSV")]
+        file: PathBuf,
+        /// Column holding the time (RFC 3339, epoch, or naive UTC).
+        #[arg(long, default_value = "timestamp")]
+        time_column: String,
+        /// Column holding the request rate.
+        #[arg(long, default_value = "value")]
+        value_column: String,
+        /// Folder for report.json, report.md, load.svg, replicas.svg and the config used.
+        #[arg(long, value_name = "DIR")]
+        report: PathBuf,
+        /// Print the report as JSON on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Send synthetic telemetry to a cluster.
     Produce {
         /// Use the built-in synthetic fleet (the only source for now).
@@ -159,8 +194,20 @@ enum StageName {
     Window,
     /// The models stage: anomalies and forecasts.
     Models,
-    /// Every stage built so far, in one process.
+    /// The decide stage: scale and restart commands, in Kafka transactions.
+    Decide,
+    /// Every stage (filter, window, models, decide), in one process.
     All,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DriverName {
+    /// Print each command with its reason.
+    Log,
+    /// POST each command as signed JSON to `--url` (or actuate.webhook.url).
+    Webhook,
+    /// Patch Deployment/StatefulSet scales and delete pods (actuate.kubernetes).
+    Kubernetes,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,6 +256,16 @@ enum ConfigAction {
 
 #[derive(Subcommand, Debug)]
 enum BenchWhat {
+    /// Window close to committed command, through the transactional decide stage on the
+    /// mock cluster: p50/p99 latency for many services.
+    Decide {
+        /// Services.
+        #[arg(long, default_value_t = 1_000)]
+        services: usize,
+        /// Windows timed (each gives every service a command).
+        #[arg(long, default_value_t = 20)]
+        windows: usize,
+    },
     /// One round of model updates for many services on one core, state per service, and
     /// River's k-means on the same features.
     Models {
@@ -341,12 +398,84 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 config.validate()?;
             }
             let stages: &[StageName] = match stage {
-                StageName::All => &[StageName::Filter, StageName::Window, StageName::Models],
+                StageName::All => &[
+                    StageName::Filter,
+                    StageName::Window,
+                    StageName::Models,
+                    StageName::Decide,
+                ],
                 StageName::Filter => &[StageName::Filter],
                 StageName::Window => &[StageName::Window],
                 StageName::Models => &[StageName::Models],
+                StageName::Decide => &[StageName::Decide],
             };
             run_stages(config, stages).await
+        }
+        Command::Replay {
+            file,
+            time_column,
+            value_column,
+            report,
+            json,
+        } => {
+            let config_toml = match cli
+                .config
+                .clone()
+                .or_else(|| std::env::var_os("EBB_CONFIG").map(PathBuf::from))
+            {
+                Some(path) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("{}: cannot read", path.display()))?,
+                None => format!(
+                    "# ebb {} built-in defaults: `ebb replay` ran with no config file.\n",
+                    env!("CARGO_PKG_VERSION")
+                ),
+            };
+            let job = ebb::replay::FileJob {
+                file,
+                time_column,
+                value_column,
+                report,
+            };
+            let progress = indicatif::ProgressBar::new_spinner();
+            progress.set_message(format!("replaying {}", job.file.display()));
+            progress.enable_steady_tick(Duration::from_millis(120));
+            let started = std::time::Instant::now();
+            let result = tokio::task::spawn_blocking(move || {
+                ebb::replay::replay_file(&config, &config_toml, &job).map(|r| (r, job))
+            })
+            .await?;
+            progress.finish_and_clear();
+            let (report, job) = result?;
+            let mut stdout = std::io::stdout();
+            writeln!(
+                stdout,
+                "{}: {} rows, {:.0} simulated minutes in {:.2} s; report in {}",
+                report.input.file,
+                report.input.rows,
+                report.input.minutes,
+                started.elapsed().as_secs_f64(),
+                job.report.display()
+            )?;
+            report.summary(&mut stdout)?;
+            if json {
+                writeln!(stdout, "{}", serde_json::to_string(&report)?)?;
+            }
+            Ok(())
+        }
+        Command::Actuate {
+            driver,
+            dry_run,
+            url,
+            http,
+        } => {
+            if let Some(h) = http {
+                config.http.listen = h;
+            }
+            if let Some(u) = url {
+                config.actuate.webhook.url = Some(u);
+            }
+            config.validate()?;
+            actuate(config, driver, dry_run).await
         }
         Command::Produce {
             synthetic,
@@ -566,6 +695,24 @@ async fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench {
+            what: BenchWhat::Decide { services, windows },
+        } => {
+            let f = tokio::task::spawn_blocking(move || {
+                ebb::bench_decide::run(services, windows, Duration::from_millis(500))
+            })
+            .await??;
+            println!(
+                "decide benchmark: {} services, {} windows, {} commands timed (mock cluster, transactions)",
+                f.services, f.windows, f.commands
+            );
+            println!(
+                "  window close -> committed command   p50 {:.1} ms   p99 {:.1} ms   max {:.1} ms",
+                f.p50_ms, f.p99_ms, f.max_ms
+            );
+            println!("{}", serde_json::to_string(&f)?);
+            Ok(())
+        }
+        Command::Bench {
             what: BenchWhat::Filter { records },
         } => {
             let figures =
@@ -670,6 +817,16 @@ async fn run_stages(config: Config, stages: &[StageName]) -> Result<()> {
                 )?;
                 runner::spawn(stage, ctx)?
             }
+            StageName::Decide => {
+                let (stage, ctx) = wiring::decide(
+                    &config,
+                    metrics.clone(),
+                    clock.clone(),
+                    shutdown.clone(),
+                    handle.clone(),
+                )?;
+                runner::spawn_transactional(stage, ctx, config.decide.transactional_id.clone())?
+            }
             StageName::All => continue,
         };
         workers.push((*stage, worker));
@@ -708,6 +865,76 @@ async fn run_stages(config: Config, stages: &[StageName]) -> Result<()> {
     match failed {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// `ebb actuate`: one actuator over the chosen driver until a signal.
+async fn actuate(config: Config, driver: DriverName, dry_run: bool) -> Result<()> {
+    use ebb::actuators::{kubernetes, log, webhook, Driver};
+    let handle = tokio::runtime::Handle::current();
+    let driver: Box<dyn Driver> = match driver {
+        DriverName::Log => Box::new(log::LogDriver::stdout()),
+        DriverName::Webhook => {
+            let Some(url) = config.actuate.webhook.url.clone() else {
+                bail!("the webhook driver needs --url or actuate.webhook.url");
+            };
+            Box::new(webhook::WebhookDriver::new(
+                url,
+                &config.actuate.webhook,
+                handle.clone(),
+            )?)
+        }
+        DriverName::Kubernetes => {
+            // Pseudonymised instances are matched to pods with the filter's key.
+            let key = config
+                .filter
+                .anonymize
+                .fields
+                .iter()
+                .any(|f| f == "instance")
+                .then(|| {
+                    config
+                        .filter
+                        .anonymize
+                        .key
+                        .as_ref()
+                        .map(|k| k.expose().to_vec())
+                })
+                .flatten();
+            Box::new(kubernetes::KubernetesDriver::new(
+                &config.actuate.kubernetes,
+                key.as_deref(),
+                handle.clone(),
+            )?)
+        }
+    };
+    let metrics = Arc::new(Metrics::new());
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let listener = wiring::bind_http(&config).await.with_context(|| {
+        format!(
+            "http.listen {}: cannot listen (use --http ADDR:PORT)",
+            config.http.listen
+        )
+    })?;
+    let http = listener.map(|l| wiring::serve_http(l, metrics.clone(), None));
+    let (stage, ctx) = wiring::actuator(&config, driver, dry_run, metrics, clock, shutdown.clone());
+    let worker = runner::spawn(stage, ctx)?;
+    let joined = tokio::task::spawn_blocking(move || worker.join());
+    tokio::pin!(joined);
+    let result = tokio::select! {
+        () = shutdown_signal() => {
+            info!("stopping: finishing the commands in flight and committing");
+            shutdown.store(true, Ordering::Relaxed);
+            joined.await?
+        }
+        r = &mut joined => r?,
+    };
+    drop(http);
+    match result {
+        Err(_) => bail!("the actuator thread panicked"),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(_)) => Ok(()),
     }
 }
 

@@ -17,6 +17,9 @@ use crate::runner::{AvroSupport, OutputSchema, RunContext};
 use crate::schemas;
 use crate::sql::store::WindowStore;
 use crate::sql::SqlEngine;
+use crate::stages::decide::{
+    DecideInputs, DecideStage, COMMANDS as DECIDE_COMMANDS, STATE as DECIDE_STATE,
+};
 use crate::stages::filter::{FilterStage, CLEAN, REASONS};
 use crate::stages::models::{ModelsStage, ANOMALIES, FORECASTS, STATE};
 use crate::stages::window::aggregate::AggregateError;
@@ -92,7 +95,7 @@ fn context(
     RunContext {
         kafka: config.kafka.clone(),
         group_id: group_id.to_string(),
-        input_topic: topics.name(input),
+        input_topics: vec![topics.name(input)],
         outputs: HashMap::new(),
         dead_letter_topic: topics.name(&topics.dead_letter),
         settings: config.runner.clone(),
@@ -101,6 +104,7 @@ fn context(
         shutdown,
         avro,
         state_topic: None,
+        crash_before_commit: None,
     }
 }
 
@@ -206,6 +210,90 @@ pub fn models(
         )
     };
     Ok((stage, ctx))
+}
+
+/// The decide stage and the context that wires it to Kafka: aggregates, forecasts and
+/// anomalies in (co-partitioned by service); commands and its state changelog out, in
+/// transactions (see [`crate::runner::run_transactional`]).
+pub fn decide(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    shutdown: Arc<AtomicBool>,
+    handle: tokio::runtime::Handle,
+) -> Result<(DecideStage, RunContext), WiringError> {
+    metrics.declare_reasons("decide", crate::stages::decide::REASONS);
+    let (cache, avro) = avro_support(config, Vec::new(), handle)?;
+    let topics = &config.topics;
+    let inputs = DecideInputs {
+        aggregates: topics.name(&topics.aggregates),
+        forecasts: topics.name(&topics.forecasts),
+        anomalies: topics.name(&topics.anomalies),
+    };
+    let input_topics = vec![
+        inputs.aggregates.clone(),
+        inputs.forecasts.clone(),
+        inputs.anomalies.clone(),
+    ];
+    let stage = DecideStage::new(
+        config.decide.clone(),
+        &config.models.signals,
+        inputs,
+        AvroCodec { schemas: cache },
+    );
+    let ctx = RunContext {
+        input_topics,
+        outputs: HashMap::from([
+            (DECIDE_COMMANDS, topics.name(&topics.commands)),
+            (DECIDE_STATE, topics.name(&topics.decide_state)),
+        ]),
+        state_topic: Some(topics.name(&topics.decide_state)),
+        ..context(
+            config,
+            &config.decide.group_id,
+            &topics.aggregates,
+            metrics,
+            clock,
+            shutdown,
+            avro,
+        )
+    };
+    Ok((stage, ctx))
+}
+
+/// An actuator over `driver` and the context that wires it to the commands topic: one
+/// consumer group per driver, outcomes to `actuations`, read back on assignment so a
+/// command is never carried out twice.
+pub fn actuator(
+    config: &Config,
+    driver: Box<dyn crate::actuators::Driver>,
+    dry_run: bool,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    shutdown: Arc<AtomicBool>,
+) -> (crate::actuators::Actuator, RunContext) {
+    metrics.declare_reasons("actuate", crate::actuators::REASONS);
+    let topics = &config.topics;
+    let group = format!("{}-{}", config.actuate.group_id, driver.name());
+    let stage =
+        crate::actuators::Actuator::new(driver, dry_run, config.actuate.max_age, clock.clone());
+    let ctx = RunContext {
+        outputs: HashMap::from([(
+            crate::actuators::ACTUATIONS,
+            topics.name(&topics.actuations),
+        )]),
+        state_topic: Some(topics.name(&topics.actuations)),
+        ..context(
+            config,
+            &group,
+            &topics.commands,
+            metrics,
+            clock,
+            shutdown,
+            None,
+        )
+    };
+    (stage, ctx)
 }
 
 /// The window store and the SQL engine over it.

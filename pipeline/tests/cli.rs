@@ -16,13 +16,15 @@ fn ebb() -> Command {
     c
 }
 
+/// The contract run: a minute of demo shows the ramp scaled up and the faulty instance
+/// restarted, and accounts for every record.
 #[test]
-fn demo_json_last_line_accounts_for_every_record() {
+fn demo_json_last_line_accounts_for_every_record_and_shows_both_commands() {
     let out = ebb()
         .args([
             "demo",
             "--duration",
-            "6s",
+            "60s",
             "--json",
             "--http",
             "127.0.0.1:0",
@@ -46,6 +48,17 @@ fn demo_json_last_line_accounts_for_every_record() {
         .sum();
     assert!(records_in > 0);
     assert_eq!(records_in, records_out + dead, "{last}");
+    assert!(v["anomalies"].as_u64().unwrap() >= 1, "{last}");
+    assert!(v["commands"]["scale"].as_u64().unwrap_or(0) >= 1, "{last}");
+    assert!(
+        v["commands"]["restart"].as_u64().unwrap_or(0) >= 1,
+        "{last}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("scale checkout to") && stderr.contains("restart search/"),
+        "the log actuator prints each command with its reason: {stderr}"
+    );
 }
 
 #[test]

@@ -153,17 +153,18 @@ impl Generator {
     pub fn tick(&mut self, at: DateTime<Utc>) -> Vec<Generated> {
         let start = *self.start.get_or_insert(at);
         self.ticks += 1;
-        let minutes = (at - start).num_milliseconds() as f64 / 60_000.0;
+        let seconds = (at - start).num_milliseconds() as f64 / 1000.0;
         let mut out = Vec::with_capacity(self.services.len() * self.config.instances * 5);
         for si in 0..self.services.len() {
             let svc = self.services[si].clone();
             let hour = f64::from(chrono::Timelike::hour(&at))
                 + f64::from(chrono::Timelike::minute(&at)) / 60.0;
             let daily = 1.0 + 0.4 * (2.0 * PI * (hour - svc.phase) / 24.0).sin();
-            // Service 0 ramps: +100% over ten minutes from the start, then holds.
+            // Service 0 ramps to four times its load between 10 s and 40 s, then holds: soon
+            // enough that a one-minute demo shows the scale-up it calls for.
             let incidents = self.config.incidents;
             let ramp = if si == 0 && incidents {
-                1.0 + (minutes / 10.0).clamp(0.0, 1.0)
+                1.0 + 3.0 * ((seconds - 10.0) / 30.0).clamp(0.0, 1.0)
             } else {
                 1.0
             };
@@ -181,9 +182,10 @@ impl Generator {
             };
             let rps_total = svc.base_rps * daily * ramp * burst;
             for ii in 0..self.config.instances {
-                // Instance 0 of service 1 is faulty: latency and errors climb after a minute.
+                // Instance 0 of service 1 turns faulty after 25 s (once the models have warmed
+                // up on a demo's short windows): its latency and errors jump and stay.
                 let faulty =
-                    incidents && si == 1 % self.services.len().max(1) && ii == 0 && minutes > 1.0;
+                    incidents && si == 1 % self.services.len().max(1) && ii == 0 && seconds > 25.0;
                 let rps = rps_total / self.config.instances as f64
                     * (1.0 + 0.05 * self.noise.sample(&mut self.rng));
                 let util = (rps / (svc.base_rps / self.config.instances as f64 * 2.5)).min(1.0);

@@ -3,6 +3,7 @@
 //! broker.
 
 pub mod generator;
+pub mod view;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -40,6 +41,10 @@ pub struct DemoConfig {
     pub fault_rate: f64,
     /// Load ramp, faulty instance and bursts. Default on.
     pub incidents: bool,
+    /// Minute-scale pipeline settings (see [`quicken`]), so the incidents turn into anomalies
+    /// and commands within a minute. Off, the demo runs with the configured windows and
+    /// policies (ten-second windows: give it a quarter of an hour). Default on.
+    pub quick: bool,
 }
 
 impl Default for DemoConfig {
@@ -51,6 +56,7 @@ impl Default for DemoConfig {
             interval: Duration::from_millis(250),
             fault_rate: 0.01,
             incidents: true,
+            quick: true,
         }
     }
 }
@@ -91,6 +97,35 @@ impl DemoConfig {
     }
 }
 
+/// Shrinks windows, warm-ups and policy intervals to the scale of a one-minute demo:
+/// 2 s windows closing a second after their end, forecasts every 2 s for 10 s to 1 min ahead,
+/// detectors warm after 10 windows, and decide's intervals in seconds.
+pub fn quicken(config: &mut Config) {
+    let secs = Duration::from_secs;
+    let ms = Duration::from_millis;
+    let w = &mut config.window;
+    w.size = secs(2);
+    w.advance = None;
+    w.metrics.clear();
+    w.allowed_lateness = ms(500);
+    w.grace = ms(500);
+    w.idle_timeout = secs(3);
+    let m = &mut config.models;
+    m.forecast_step = secs(2);
+    m.forecast.horizons = vec![secs(10), secs(30), secs(60)];
+    m.snapshot_every = 10;
+    m.detector.warmup = 10;
+    m.detector.baseline_halflife = 30.0;
+    let d = &mut config.decide;
+    d.scale.up_stabilization = secs(4);
+    d.scale.down_stabilization = secs(30);
+    d.scale.cooldown = secs(10);
+    d.scale.startup_time = secs(10);
+    d.scale.forecast_staleness = secs(10);
+    d.restart.anomaly_hold = secs(30);
+    d.restart.interval = secs(300);
+}
+
 /// Demo errors.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -115,6 +150,9 @@ pub enum DemoError {
     /// A thread panicked.
     #[error("a pipeline thread panicked")]
     Panicked,
+    /// The demo's settings do not validate.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// The demo's final figures; the last line of `ebb demo --json`.
@@ -139,6 +177,10 @@ pub struct DemoReport {
     pub anomalies: u64,
     /// Forecast records the models stage emitted.
     pub forecasts: u64,
+    /// Commands the decide stage committed, by action (`scale`, `restart`).
+    pub commands: BTreeMap<String, u64>,
+    /// Commands the log actuator carried out.
+    pub actuated: u64,
     /// Wall time the demo ran.
     pub duration_s: f64,
 }
@@ -280,6 +322,10 @@ pub async fn run(
     interrupt: impl std::future::Future<Output = ()>,
     out: &mut dyn Write,
 ) -> Result<DemoReport, DemoError> {
+    if config.demo.quick {
+        quicken(&mut config);
+    }
+    config.validate()?;
     let mock = MockCluster::new(3)?;
     config.set_brokers(&mock.bootstrap_servers());
     for spec in topics::declared(&config)? {
@@ -338,6 +384,46 @@ pub async fn run(
         tokio::runtime::Handle::current(),
     )?;
     let models_thread = runner::spawn(stage, ctx).map_err(|_| DemoError::Panicked)?;
+    let (stage, ctx) = wiring::decide(
+        &config,
+        metrics.clone(),
+        clock.clone(),
+        shutdown.clone(),
+        tokio::runtime::Handle::current(),
+    )?;
+    let decide_thread =
+        runner::spawn_transactional(stage, ctx, config.decide.transactional_id.clone())
+            .map_err(|_| DemoError::Panicked)?;
+    // The log actuator prints each command with its reason as it is carried out.
+    let (stage, ctx) = wiring::actuator(
+        &config,
+        Box::new(crate::actuators::log::LogDriver::to(Arc::new(Mutex::new(
+            std::io::stderr(),
+        )))),
+        false,
+        metrics.clone(),
+        clock.clone(),
+        shutdown.clone(),
+    );
+    let actuate_thread = runner::spawn(stage, ctx).map_err(|_| DemoError::Panicked)?;
+    let stop_view = Arc::new(AtomicBool::new(false));
+    let load_metric = config
+        .models
+        .signals
+        .iter()
+        .find(|s| s.name == config.decide.load_signal)
+        .map_or_else(|| config.decide.load_signal.clone(), |s| s.metric.clone());
+    let (view, view_thread) = view::spawn(
+        &config.kafka,
+        view::ViewTopics {
+            aggregates: config.topics.name(&config.topics.aggregates),
+            forecasts: config.topics.name(&config.topics.forecasts),
+            anomalies: config.topics.name(&config.topics.anomalies),
+            commands: config.topics.name(&config.topics.commands),
+        },
+        load_metric,
+        stop_view.clone(),
+    )?;
 
     let counts = Arc::new(ProduceCounts::default());
     let generator = Generator::new(config.demo.generator(), WireFormat::Json);
@@ -367,7 +453,7 @@ pub async fn run(
     );
     let _ = writeln!(
         out,
-        "{:>6}  {:>10}  {:>10}  {:>10}  {:>8}  {:>8}  {:>6}  {:>9}  {:>9}  dead letters by reason",
+        "{:>6}  {:>10}  {:>10}  {:>10}  {:>8}  {:>8}  {:>6}  {:>9}  {:>9}  {:>8}  dead letters by reason",
         "time",
         "produced",
         "filter in",
@@ -376,15 +462,19 @@ pub async fn run(
         "windows",
         "late",
         "forecasts",
-        "anomalies"
+        "anomalies",
+        "commands"
     );
     let filter = metrics.stage("filter");
     let window = metrics.stage("window");
     let models = metrics.stage("models");
+    let decide = metrics.stage("decide");
+    let actuate = metrics.stage("actuate");
+    let mut ticks = 0u64;
     let print = |out: &mut dyn Write| {
         let _ = writeln!(
             out,
-            "{:>5.0}s  {:>10}  {:>10}  {:>10}  {:>8}  {:>8}  {:>6}  {:>9}  {:>9}  {}",
+            "{:>5.0}s  {:>10}  {:>10}  {:>10}  {:>8}  {:>8}  {:>6}  {:>9}  {:>9}  {:>8}  {}",
             started.elapsed().as_secs_f64(),
             counts.produced.load(Ordering::Relaxed),
             filter.records_in.load(Ordering::Relaxed),
@@ -394,6 +484,7 @@ pub async fn run(
             window.output(crate::stages::window::LATE),
             models.output(crate::stages::models::FORECASTS),
             models.output(crate::stages::models::ANOMALIES),
+            decide.output(crate::stages::decide::COMMANDS),
             reasons_line(&filter.dead_lettered_by_reason())
         );
     };
@@ -411,7 +502,15 @@ pub async fn run(
         tokio::select! {
             () = &mut deadline => break,
             () = &mut interrupt => { info!("interrupted"); break },
-            _ = ticker.tick() => print(out),
+            _ = ticker.tick() => {
+                print(out);
+                ticks += 1;
+                if ticks.is_multiple_of(5) {
+                    if let Ok(v) = view.lock() {
+                        view::print_table(&v, out);
+                    }
+                }
+            }
         }
     }
 
@@ -439,7 +538,28 @@ pub async fn run(
     while models.records_in.load(Ordering::Relaxed) < aggregates && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // And decide with every aggregate, forecast and anomaly; the actuator and the view with
+    // every command.
+    let decide_inputs = aggregates
+        + models.output(crate::stages::models::FORECASTS)
+        + models.output(crate::stages::models::ANOMALIES);
+    while decide.records_in.load(Ordering::Relaxed) < decide_inputs && Instant::now() < drain_until
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let commands = decide.output(crate::stages::decide::COMMANDS);
+    let seen = |view: &Arc<Mutex<view::View>>| {
+        view.lock()
+            .map(|v| v.commands.values().sum::<u64>())
+            .unwrap_or_default()
+    };
+    while (actuate.records_in.load(Ordering::Relaxed) < commands || seen(&view) < commands)
+        && Instant::now() < drain_until
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     shutdown.store(true, Ordering::Relaxed);
+    stop_view.store(true, Ordering::Relaxed);
     let summary = tokio::task::spawn_blocking(move || filter_thread.join())
         .await
         .map_err(|_| DemoError::Panicked)?
@@ -458,11 +578,25 @@ pub async fn run(
     if let Err(e) = models_summary {
         warn!(error = %e, "models stage stopped with an error");
     }
+    for (name, thread) in [("decide", decide_thread), ("actuate", actuate_thread)] {
+        let joined = tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .map_err(|_| DemoError::Panicked)?
+            .map_err(|_| DemoError::Panicked)?;
+        if let Err(e) = joined {
+            warn!(stage = name, error = %e, "stage stopped with an error");
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || view_thread.join()).await;
     drop(http);
     if let Some(pg) = pg {
         pg.abort();
     }
     print(out);
+    if let Ok(v) = view.lock() {
+        view::print_table(&v, out);
+    }
+    let command_counts = view.lock().map(|v| v.commands.clone()).unwrap_or_default();
     drop(mock);
     Ok(DemoReport {
         records_in: summary.consumed,
@@ -478,6 +612,8 @@ pub async fn run(
         late: window.output(crate::stages::window::LATE),
         anomalies: models.output(crate::stages::models::ANOMALIES),
         forecasts: models.output(crate::stages::models::FORECASTS),
+        commands: command_counts,
+        actuated: actuate.output(crate::actuators::ACTUATIONS),
         duration_s: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
     })
 }
