@@ -126,6 +126,7 @@ pub fn run(services: usize, windows: usize, pause: Duration) -> Result<DecideFig
         Arc::new(SystemClock),
         shutdown.clone(),
         handle.handle().clone(),
+        None,
     )?;
     let decide = runner::spawn_transactional(stage, ctx, config.decide.transactional_id.clone())?;
 

@@ -763,13 +763,16 @@ async fn run_stages(config: Config, stages: &[StageName]) -> Result<()> {
     })?;
     let key = wiring::anonymization_key(&config, rand::random);
     let handle = tokio::runtime::Handle::current();
-    let has_window = stages.contains(&StageName::Window);
-    let (store, engine) = if has_window {
-        let (store, engine) = wiring::sql(&config, Some(&key))?;
-        (Some(store), Some(engine))
+    // The SQL tables live with the stages that fill them: windows, commands, or both.
+    let with_sql = stages.contains(&StageName::Window) || stages.contains(&StageName::Decide);
+    let sql = if with_sql {
+        Some(wiring::sql(&config, Some(&key))?)
     } else {
-        (None, None)
+        None
     };
+    let store = sql.as_ref().map(|s| s.windows.clone());
+    let commands_store = sql.as_ref().map(|s| s.commands.clone());
+    let engine = sql.as_ref().map(|s| s.engine.clone());
     let _pg = match (&engine, config.sql.pg_enabled) {
         (Some(engine), true) => {
             let addr = config.sql.pg_listen.parse()?;
@@ -824,6 +827,7 @@ async fn run_stages(config: Config, stages: &[StageName]) -> Result<()> {
                     clock.clone(),
                     shutdown.clone(),
                     handle.clone(),
+                    commands_store.clone(),
                 )?;
                 runner::spawn_transactional(stage, ctx, config.decide.transactional_id.clone())?
             }

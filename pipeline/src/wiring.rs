@@ -221,6 +221,7 @@ pub fn decide(
     clock: Arc<dyn Clock>,
     shutdown: Arc<AtomicBool>,
     handle: tokio::runtime::Handle,
+    store: Option<Arc<WindowStore>>,
 ) -> Result<(DecideStage, RunContext), WiringError> {
     metrics.declare_reasons("decide", crate::stages::decide::REASONS);
     let (cache, avro) = avro_support(config, Vec::new(), handle)?;
@@ -235,12 +236,15 @@ pub fn decide(
         inputs.forecasts.clone(),
         inputs.anomalies.clone(),
     ];
-    let stage = DecideStage::new(
+    let mut stage = DecideStage::new(
         config.decide.clone(),
         &config.models.signals,
         inputs,
         AvroCodec { schemas: cache },
     );
+    if let Some(store) = store {
+        stage = stage.with_store(store);
+    }
     let ctx = RunContext {
         input_topics,
         outputs: HashMap::from([
@@ -296,14 +300,31 @@ pub fn actuator(
     (stage, ctx)
 }
 
-/// The window store and the SQL engine over it.
-pub fn sql(
-    config: &Config,
-    anon_key: Option<&[u8]>,
-) -> Result<(Arc<WindowStore>, Arc<SqlEngine>), crate::sql::SqlError> {
-    let store = Arc::new(WindowStore::windows(config.window.store.clone()));
-    let engine = SqlEngine::new(std::slice::from_ref(&store), anon_key, config.sql.clone())?;
-    Ok((store, Arc::new(engine)))
+/// The tables SQL reads and the engine over them.
+#[derive(Debug, Clone)]
+pub struct Sql {
+    /// Closed windows, filled by the window stage.
+    pub windows: Arc<WindowStore>,
+    /// Commands, filled by the decide stage.
+    pub commands: Arc<WindowStore>,
+    /// The session over both.
+    pub engine: Arc<SqlEngine>,
+}
+
+/// The window and command stores and the SQL engine over them.
+pub fn sql(config: &Config, anon_key: Option<&[u8]>) -> Result<Sql, crate::sql::SqlError> {
+    let windows = Arc::new(WindowStore::windows(config.window.store.clone()));
+    let commands = Arc::new(WindowStore::commands(config.window.store.clone()));
+    let engine = SqlEngine::new(
+        &[windows.clone(), commands.clone()],
+        anon_key,
+        config.sql.clone(),
+    )?;
+    Ok(Sql {
+        windows,
+        commands,
+        engine: Arc::new(engine),
+    })
 }
 
 /// The HTTP endpoint, served until this is dropped.

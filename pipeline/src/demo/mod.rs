@@ -336,7 +336,8 @@ pub async fn run(
     let shutdown = Arc::new(AtomicBool::new(false));
     let stop_generator = Arc::new(AtomicBool::new(false));
     let key = wiring::anonymization_key(&config, rand::random);
-    let (store, engine) = wiring::sql(&config, Some(&key))?;
+    let sql = wiring::sql(&config, Some(&key))?;
+    let (store, engine) = (sql.windows.clone(), sql.engine.clone());
     let http = match wiring::bind_http(&config).await {
         Ok(listener) => {
             listener.map(|l| wiring::serve_http(l, metrics.clone(), Some(engine.clone())))
@@ -390,6 +391,7 @@ pub async fn run(
         clock.clone(),
         shutdown.clone(),
         tokio::runtime::Handle::current(),
+        Some(sql.commands.clone()),
     )?;
     let decide_thread =
         runner::spawn_transactional(stage, ctx, config.decide.transactional_id.clone())

@@ -56,6 +56,16 @@ impl WindowStore {
         Self::new("windows", windows_schema(), 5, config)
     }
 
+    /// The `commands` table: decide's commands, retained by `decided_at`.
+    pub fn commands(config: StoreConfig) -> Self {
+        Self::new(
+            "commands",
+            crate::stages::decide::table::commands_schema(),
+            crate::stages::decide::table::TIME_COLUMN,
+            config,
+        )
+    }
+
     /// A table named `name` with `schema`; column 0 must be a unique Utf8 id and
     /// `time_column` a millisecond timestamp.
     pub fn new(

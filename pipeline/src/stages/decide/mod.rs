@@ -4,6 +4,7 @@
 pub mod config;
 pub mod policy;
 pub mod process;
+pub mod table;
 
 #[cfg(test)]
 mod tests;

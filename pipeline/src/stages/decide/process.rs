@@ -179,6 +179,8 @@ pub struct DecideStage {
     services: BTreeMap<String, ServiceState>,
     dirty: BTreeSet<String>,
     counts: DecideCounts,
+    /// The `commands` SQL table, when the SQL engine runs in this process.
+    store: Option<std::sync::Arc<crate::sql::store::WindowStore>>,
 }
 
 fn parse_ms(text: &str) -> Option<i64> {
@@ -212,7 +214,14 @@ impl DecideStage {
             services: BTreeMap::new(),
             dirty: BTreeSet::new(),
             counts: DecideCounts::default(),
+            store: None,
         }
+    }
+
+    /// Also keeps every command in `store` (the `commands` table) for SQL.
+    pub fn with_store(mut self, store: std::sync::Arc<crate::sql::store::WindowStore>) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// What the stage has done so far.
@@ -434,6 +443,14 @@ impl DecideStage {
                 ..command("restart", "restart", r.reason, evidence)
             });
             self.counts.restarts += 1;
+        }
+        if let Some(store) = self.store.as_ref().filter(|_| !commands.is_empty()) {
+            // Ids are unique in the table: a command re-sent after an aborted transaction is
+            // not listed twice.
+            match super::table::to_batch(&commands) {
+                Ok(batch) => store.insert_batch(batch),
+                Err(e) => tracing::warn!(service, error = %e, "commands not stored for SQL"),
+            }
         }
         for c in commands {
             let payload = match serde_json::to_vec(&c) {

@@ -397,6 +397,62 @@ fn crash_loop(instances: i64, minutes: i64, shadow: bool) -> Vec<Command> {
     sick_between(instances, minutes, shadow, |m| m >= 30)
 }
 
+#[tokio::test]
+async fn commands_are_queryable_in_sql_once_each_with_their_reasons() {
+    use crate::sql::store::WindowStore;
+    use crate::sql::{SqlConfig, SqlEngine};
+    use crate::stages::window::config::StoreConfig;
+    let store = std::sync::Arc::new(WindowStore::commands(StoreConfig::default()));
+    let mut p = Pipeline::new(DecideConfig::default(), false);
+    p.decide = decide_stage(DecideConfig::default()).with_store(store.clone());
+    let mut sent = Vec::new();
+    for m in 0..50 {
+        let start = T0 + m * MINUTE;
+        let sick = m >= 30;
+        if sick && m % 4 == 0 {
+            p.offset += 1;
+            feed(&mut p.decide, "anomalies", p.offset, &anomaly("api", start));
+        }
+        let w = Window {
+            start,
+            size: MINUTE,
+            load: if m < 20 { 280.0 } else { 560.0 },
+            cpu: if m < 20 { 70.0 } else { 140.0 },
+            instances: 4,
+            errors: if sick {
+                (Some("i-2".into()), 10.0)
+            } else {
+                (Some("i-0".into()), 1.2)
+            },
+        };
+        sent.extend(p.window("api", &w));
+    }
+    assert!(sent.iter().any(|c| c.action == "scale"));
+    assert!(sent.iter().any(|c| c.action == "restart"));
+    // The same commands again, as after an aborted transaction: still one row each.
+    store.insert_batch(super::table::to_batch(&sent).unwrap_or_else(|e| panic!("{e}")));
+    let engine = SqlEngine::new(&[store], None, SqlConfig::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = engine
+        .query(
+            "SELECT action, count(*) AS n, max(reason) AS reason FROM commands \
+             WHERE service = 'api' GROUP BY action ORDER BY action",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (_, body) = crate::sql::http::encode(&r, crate::sql::http::Format::Json)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let count = |action: &str| sent.iter().filter(|c| c.action == action).count();
+    assert_eq!(v["rows"][0]["action"], "restart");
+    assert_eq!(v["rows"][0]["n"], count("restart"));
+    assert!(v["rows"][0]["reason"]
+        .as_str()
+        .is_some_and(|r| r.contains("i-2")));
+    assert_eq!(v["rows"][1]["action"], "scale");
+    assert_eq!(v["rows"][1]["n"], count("scale"));
+}
+
 /// As `crash_loop`, with `i-2` sick in the minutes `sick` says.
 fn sick_between(
     instances: i64,
