@@ -508,16 +508,11 @@ impl AnomalyModel {
             .take(cfg.likelihood_short)
             .sum::<f64>()
             / cfg.likelihood_short as f64;
-        // The recent windows are judged against the ones before them: were they part of the
-        // distribution, a first strong window could never stand more than sqrt(n) deviations
-        // out, and a young series could not alert at all.
-        let past = n - cfg.likelihood_short;
+        let n = n as f64;
         let (sum, sq) = self
             .raw_scores
             .iter()
-            .take(past)
             .fold((0.0, 0.0), |(s, q), x| (s + x, q + x * x));
-        let n = past as f64;
         let mean = sum / n;
         let std = (sq / n - mean * mean).max(0.0).sqrt().max(1e-4);
         let z = (short - mean) / std;
