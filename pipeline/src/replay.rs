@@ -227,16 +227,18 @@ pub fn hpa_config(ebb: &ScaleConfig) -> ScaleConfig {
         tolerance: 0.1,
         min_replicas: ebb.min_replicas,
         max_replicas: ebb.max_replicas,
-        max_step_up: u32::MAX / 4,
+        // The HPA's default policies: up by 4 pods or 100%, down by 100%, every 15 s.
+        max_step_up: 4,
         max_step_up_percent: 100,
-        max_step_down: u32::MAX / 4,
+        max_step_down: 0,
         max_step_down_percent: 100,
+        step_period: Duration::from_secs(15),
         up_stabilization: Duration::ZERO,
         down_stabilization: Duration::from_secs(300),
         cooldown: Duration::ZERO,
         startup_time: ebb.startup_time,
         forecast_staleness: ebb.forecast_staleness,
-        use_upper_bound: false,
+        headroom: 0.0,
         max_forecast_error: ebb.max_forecast_error,
     }
 }

@@ -182,10 +182,10 @@ impl Generator {
             };
             let rps_total = svc.base_rps * daily * ramp * burst;
             for ii in 0..self.config.instances {
-                // Instance 0 of service 1 turns faulty after 25 s (once the models have warmed
+                // Instance 0 of service 1 turns faulty after 35 s (once the models have warmed
                 // up on a demo's short windows): its latency and errors jump and stay.
                 let faulty =
-                    incidents && si == 1 % self.services.len().max(1) && ii == 0 && seconds > 25.0;
+                    incidents && si == 1 % self.services.len().max(1) && ii == 0 && seconds > 35.0;
                 let rps = rps_total / self.config.instances as f64
                     * (1.0 + 0.05 * self.noise.sample(&mut self.rng));
                 let util = (rps / (svc.base_rps / self.config.instances as f64 * 2.5)).min(1.0);

@@ -77,9 +77,15 @@ pub struct ScaleConfig {
     pub max_step_down: u32,
     /// Default 50.
     pub max_step_down_percent: u32,
-    /// Scale up to the lowest recommendation of this long. Default 1m, where the HPA's is 0s:
-    /// a forecast that echoes a one-window spike must be confirmed by the next window before
-    /// replicas are bought for it; forecasts lead by the start-up time, so this costs little.
+    /// The steps above are allowed once per this much of the window decided on (as the
+    /// HPA's `periodSeconds`), compounding: a 5-minute window may move as far as five
+    /// 1-minute ones, so long windows do not make the policy slower than the HPA. Default 1m.
+    #[serde(with = "humantime_serde")]
+    pub step_period: Duration,
+    /// Scale up to the lowest recommendation of this long. Default 2m, where the HPA's is
+    /// 0s: a one-window spike (above the forecast, so planned for) and the forecast that
+    /// echoes it next window must both be outvoted before replicas are bought for them;
+    /// forecasts lead by the start-up time, so this costs little on a real rise.
     #[serde(with = "humantime_serde")]
     pub up_stabilization: Duration,
     /// Scale down to the highest recommendation of this long (HPA default 5m).
@@ -96,8 +102,9 @@ pub struct ScaleConfig {
     /// Default 3m.
     #[serde(with = "humantime_serde")]
     pub forecast_staleness: Duration,
-    /// Plan for the forecast's upper bound rather than its value (headroom). Default on.
-    pub use_upper_bound: bool,
+    /// Headroom, as a fraction of the forecast's interval above its value: 0 plans for the
+    /// forecast, 1 for its upper bound. Default 0.25.
+    pub headroom: f64,
     /// A forecast whose recent error exceeds this fraction of the load is worse than the
     /// reactive rule can do: fall back. Default 0.5.
     pub max_forecast_error: f64,
@@ -115,12 +122,13 @@ impl Default for ScaleConfig {
             max_step_up_percent: 100,
             max_step_down: 2,
             max_step_down_percent: 50,
-            up_stabilization: Duration::from_secs(60),
+            step_period: Duration::from_secs(60),
+            up_stabilization: Duration::from_secs(120),
             down_stabilization: Duration::from_secs(300),
             cooldown: Duration::from_secs(60),
             startup_time: Duration::from_secs(60),
             forecast_staleness: Duration::from_secs(180),
-            use_upper_bound: true,
+            headroom: 0.25,
             max_forecast_error: 0.5,
         }
     }
@@ -262,6 +270,12 @@ impl DecideConfig {
         }
         if s.startup_time.is_zero() {
             return bad("scale.startup_time", "must be positive");
+        }
+        if !(0.0..=1.0).contains(&s.headroom) {
+            return bad("decide.scale.headroom", "must be between 0 and 1");
+        }
+        if s.step_period.is_zero() {
+            return bad("decide.scale.step_period", "must be above zero");
         }
         if s.forecast_staleness.is_zero() {
             return bad("scale.forecast_staleness", "must be positive");

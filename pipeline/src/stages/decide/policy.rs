@@ -198,10 +198,12 @@ fn forecast_problem<'a>(
     let stale_ms = i64::try_from(cfg.forecast_staleness.as_millis()).unwrap_or(i64::MAX);
     let why = if !f.ready {
         Some("forecast warming up".to_string())
-    } else if obs.window_end - f.made_at_ms > stale_ms {
+    } else if obs.window_start - f.made_at_ms > stale_ms {
+        // Age at the window's start: a decision uses the forecast made by then, so one made
+        // exactly then is as fresh as forecasts get, whatever the window's length.
         Some(format!(
             "forecast stale ({} s old)",
-            (obs.window_end - f.made_at_ms) / 1000
+            (obs.window_start - f.made_at_ms) / 1000
         ))
     } else if f.method == "last" {
         Some("forecast no better than the last value".to_string())
@@ -262,10 +264,14 @@ pub fn scale(
     let problem = forecast_problem(cfg, obs, capacity);
     let (policy, desired, planned_load, fallback) = match (&obs.forecast, problem, capacity) {
         (Some(f), None, Some(c)) => {
-            let planned = if cfg.use_upper_bound {
-                f.upper.max(f.value)
-            } else {
-                f.value
+            let ahead = f.value + cfg.headroom * (f.upper - f.value).max(0.0);
+            // The load already here is evidence too: when it is above the forecast's
+            // interval, the forecast (made a window ago) missed a surge and must not hold the
+            // service below what it carries now. Inside the interval the forecast leads, on
+            // the way down as on the way up.
+            let planned = match obs.load.filter(|l| l.is_finite()) {
+                Some(l) if l > f.upper => ahead.max(l),
+                _ => ahead,
             };
             let ratio = planned / (f64::from(current) * c * target_u);
             let desired = if within_tolerance(ratio) {
@@ -327,18 +333,27 @@ pub fn scale(
             limited.push("down_stabilization");
         }
     }
-    let step = |abs: u32, percent: u32| {
-        let relative = (u64::from(current) * u64::from(percent)).div_ceil(100);
+    // One step per period of the window, compounding, at least one.
+    let period_ms = i64::try_from(cfg.step_period.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1);
+    let periods = ((obs.window_end - obs.window_start).max(1) + period_ms - 1) / period_ms;
+    let periods = periods.clamp(1, 64);
+    let step = |from: u32, abs: u32, percent: u32| {
+        let relative = (u64::from(from) * u64::from(percent)).div_ceil(100);
         abs.max(u32::try_from(relative).unwrap_or(u32::MAX))
     };
-    let up = step(cfg.max_step_up, cfg.max_step_up_percent);
-    let down = step(cfg.max_step_down, cfg.max_step_down_percent).min(current);
-    if next > current.saturating_add(up) {
-        next = current.saturating_add(up);
+    let (mut highest, mut lowest) = (current, current);
+    for _ in 0..periods {
+        highest = highest.saturating_add(step(highest, cfg.max_step_up, cfg.max_step_up_percent));
+        lowest -= step(lowest, cfg.max_step_down, cfg.max_step_down_percent).min(lowest);
+    }
+    if next > highest {
+        next = highest;
         limited.push("max_step_up");
     }
-    if next + down < current {
-        next = current - down;
+    if next < lowest {
+        next = lowest;
         limited.push("max_step_down");
     }
     if next > limits.max_replicas {
