@@ -273,3 +273,52 @@ fn sql_and_psql_query_a_running_demo_and_writes_are_refused() {
     demo.kill().unwrap();
     demo.wait().unwrap();
 }
+
+#[test]
+fn replay_of_any_csv_writes_the_policy_table_and_two_runs_are_byte_identical() {
+    let dir = std::env::temp_dir().join(format!("ebb-replay-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Two days of a per-minute request rate with a daily peak, under custom column names.
+    let mut csv = String::from("at,host,rps\n");
+    let t0 = chrono::DateTime::parse_from_rfc3339("2024-03-01T00:00:00Z").unwrap();
+    for m in 0..2 * 1440 {
+        let hour = (m % 1440) as f64 / 60.0;
+        let rps = 100.0 + 80.0 * (std::f64::consts::PI * (hour - 6.0) / 12.0).sin().max(0.0);
+        let at = t0 + chrono::Duration::minutes(m);
+        csv.push_str(&format!("{},web,{rps:.2}\n", at.format("%Y-%m-%d %H:%M:%S")));
+    }
+    let file = dir.join("load.csv");
+    std::fs::write(&file, csv).unwrap();
+    let run = |out: &str| {
+        let report = dir.join(out);
+        let o = ebb()
+            .args(["replay", "--file"])
+            .arg(&file)
+            .args(["--time-column", "at", "--value-column", "rps", "--report"])
+            .arg(&report)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::fs::read(report.join("report.json")).unwrap()
+    };
+    let first = run("a");
+    assert_eq!(first, run("b"), "two replays of one input differ");
+    let v: serde_json::Value = serde_json::from_slice(&first).unwrap();
+    for policy in ["ebb", "hpa", "static", "oracle"] {
+        for key in ["sla_violation_minutes", "replica_minutes", "scale_actions"] {
+            assert!(
+                v["policies"][policy][key].is_number(),
+                "policies.{policy}.{key} missing: {v}"
+            );
+        }
+    }
+    assert_eq!(v["policies"]["static"]["scale_actions"], 0);
+    for extra in ["report.md", "load.svg", "replicas.svg", "ebb.toml"] {
+        assert!(dir.join("a").join(extra).exists(), "{extra} not written");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
