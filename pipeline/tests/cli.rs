@@ -285,7 +285,10 @@ fn replay_of_any_csv_writes_the_policy_table_and_two_runs_are_byte_identical() {
         let hour = (m % 1440) as f64 / 60.0;
         let rps = 100.0 + 80.0 * (std::f64::consts::PI * (hour - 6.0) / 12.0).sin().max(0.0);
         let at = t0 + chrono::Duration::minutes(m);
-        csv.push_str(&format!("{},web,{rps:.2}\n", at.format("%Y-%m-%d %H:%M:%S")));
+        csv.push_str(&format!(
+            "{},web,{rps:.2}\n",
+            at.format("%Y-%m-%d %H:%M:%S")
+        ));
     }
     let file = dir.join("load.csv");
     std::fs::write(&file, csv).unwrap();
@@ -298,11 +301,7 @@ fn replay_of_any_csv_writes_the_policy_table_and_two_runs_are_byte_identical() {
             .arg(&report)
             .output()
             .unwrap();
-        assert!(
-            o.status.success(),
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         std::fs::read(report.join("report.json")).unwrap()
     };
     let first = run("a");
