@@ -225,6 +225,7 @@ fn start(
         Arc::new(SystemClock),
         shutdown.clone(),
         rt.handle().clone(),
+        None,
     )
     .expect("wiring");
     ctx.crash_before_commit = crash_before_commit;
