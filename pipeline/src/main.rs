@@ -749,18 +749,23 @@ async fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
+/// The HTTP listener `http.listen` asks for, or an error naming the key.
+async fn bind_http(config: &Config) -> Result<Option<tokio::net::TcpListener>> {
+    wiring::bind_http(config).await.with_context(|| {
+        format!(
+            "http.listen {}: cannot listen (use --http ADDR:PORT)",
+            config.http.listen
+        )
+    })
+}
+
 /// Runs `stages` against the configured cluster, each on its own thread, until a signal
 /// or until one of them stops.
 async fn run_stages(config: Config, stages: &[StageName]) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let shutdown = Arc::new(AtomicBool::new(false));
-    let listener = wiring::bind_http(&config).await.with_context(|| {
-        format!(
-            "http.listen {}: cannot listen (use --http ADDR:PORT)",
-            config.http.listen
-        )
-    })?;
+    let listener = bind_http(&config).await?;
     let key = wiring::anonymization_key(&config, rand::random);
     let handle = tokio::runtime::Handle::current();
     // The SQL tables live with the stages that fill them: windows, commands, or both.
@@ -915,12 +920,7 @@ async fn actuate(config: Config, driver: DriverName, dry_run: bool) -> Result<()
     let metrics = Arc::new(Metrics::new());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let shutdown = Arc::new(AtomicBool::new(false));
-    let listener = wiring::bind_http(&config).await.with_context(|| {
-        format!(
-            "http.listen {}: cannot listen (use --http ADDR:PORT)",
-            config.http.listen
-        )
-    })?;
+    let listener = bind_http(&config).await?;
     let http = listener.map(|l| wiring::serve_http(l, metrics.clone(), None));
     let (stage, ctx) = wiring::actuator(&config, driver, dry_run, metrics, clock, shutdown.clone());
     let worker = runner::spawn(stage, ctx)?;
