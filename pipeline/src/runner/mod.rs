@@ -481,6 +481,27 @@ pub fn spawn_transactional<S: Stage + Send + 'static>(
         .spawn(move || run_transactional(stage, ctx, &transactional_id))
 }
 
+/// The stage's consumer: `cc` with the shared defaults, subscribed to the input topics.
+/// `commit_on_revoke` only for at-least-once (see [`ConsumerCtx`]).
+fn subscribed(
+    name: &'static str,
+    ctx: &RunContext,
+    mut cc: ClientConfig,
+    commit_on_revoke: bool,
+) -> Result<BaseConsumer<ConsumerCtx>, RunnerError> {
+    set_default(&mut cc, "auto.offset.reset", "earliest");
+    set_default(&mut cc, "statistics.interval.ms", "5000");
+    let consumer: BaseConsumer<ConsumerCtx> = cc.create_with_context(ConsumerCtx {
+        stage: name,
+        metrics: ctx.metrics.clone(),
+        rebalances: Mutex::new(Vec::new()),
+        commit_on_revoke,
+    })?;
+    let topics: Vec<&str> = ctx.input_topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    Ok(consumer)
+}
+
 /// Runs `stage` until `ctx.shutdown` is set. Blocking: call it on its own thread.
 ///
 /// Pipelined at-least-once: outputs are produced as records are processed, delivery reports
@@ -493,16 +514,7 @@ pub fn run<S: Stage>(mut stage: S, ctx: RunContext) -> Result<RunSummary, Runner
     cc.set("group.id", &ctx.group_id)
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false");
-    set_default(&mut cc, "auto.offset.reset", "earliest");
-    set_default(&mut cc, "statistics.interval.ms", "5000");
-    let consumer: BaseConsumer<ConsumerCtx> = cc.create_with_context(ConsumerCtx {
-        stage: name,
-        metrics: ctx.metrics.clone(),
-        rebalances: Mutex::new(Vec::new()),
-        commit_on_revoke: true,
-    })?;
-    let topics: Vec<&str> = ctx.input_topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics)?;
+    let consumer = subscribed(name, &ctx, cc, true)?;
     let mut pc = client_config(&ctx.kafka);
     set_default(&mut pc, "enable.idempotence", "true");
     set_default(&mut pc, "linger.ms", "5");

@@ -9,7 +9,6 @@
 //! Only a fenced producer (another instance took over our transactional id) stops the run.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -40,16 +39,7 @@ pub fn run_transactional<S: Stage>(
         .set("isolation.level", "read_committed")
         // Co-partitioned inputs: partition n of every input topic to the same member.
         .set("partition.assignment.strategy", "range");
-    super::set_default(&mut cc, "auto.offset.reset", "earliest");
-    super::set_default(&mut cc, "statistics.interval.ms", "5000");
-    let consumer: BaseConsumer<ConsumerCtx> = cc.create_with_context(ConsumerCtx {
-        stage: name,
-        metrics: ctx.metrics.clone(),
-        rebalances: Mutex::new(Vec::new()),
-        commit_on_revoke: false,
-    })?;
-    let topics: Vec<&str> = ctx.input_topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics)?;
+    let consumer = super::subscribed(name, &ctx, cc, false)?;
     let mut pc = client_config(&ctx.kafka);
     pc.set("transactional.id", transactional_id);
     super::set_default(&mut pc, "linger.ms", "1");
