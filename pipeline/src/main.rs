@@ -78,22 +78,55 @@ enum Command {
         #[arg(long, value_name = "ADDR:PORT")]
         http: Option<String>,
     },
-    /// Backtest ebb's scaling policy on a recorded load against a reactive HPA baseline,
-    /// static provisioning and an oracle; writes report.json, report.md and plots.
+    /// Backtest on recorded data. `--file`: ebb's scaling policy on one service's recorded
+    /// load against a reactive HPA baseline, static provisioning and an oracle (report.json,
+    /// report.md, plots). `--topic`: a recorded raw telemetry topic through the whole
+    /// pipeline (filter, window, models, decide) on a simulated clock, outputs to files.
     Replay {
         /// CSV file: one service's request rate over time.
-        #[arg(long, value_name = "CSV")]
-        file: PathBuf,
+        #[arg(
+            long,
+            value_name = "CSV",
+            required_unless_present = "topic",
+            conflicts_with = "topic"
+        )]
+        file: Option<PathBuf>,
+        /// Raw telemetry topic to replay (name as on the cluster, prefix included); read by
+        /// manual assignment, so no consumer group moves.
+        #[arg(long, value_name = "NAME")]
+        topic: Option<String>,
+        /// With --topic: start at this time (RFC 3339 or epoch) ...
+        #[arg(
+            long,
+            value_name = "TIME",
+            requires = "topic",
+            conflicts_with = "from_offset"
+        )]
+        from: Option<String>,
+        /// ... or at this offset on every partition [default: each partition's first].
+        #[arg(long, value_name = "N", requires = "topic")]
+        from_offset: Option<i64>,
+        /// With --topic: stop before this time ...
+        #[arg(
+            long,
+            value_name = "TIME",
+            requires = "topic",
+            conflicts_with = "until_offset"
+        )]
+        until: Option<String>,
+        /// ... or before this offset on every partition [default: each partition's end now].
+        #[arg(long, value_name = "N", requires = "topic")]
+        until_offset: Option<i64>,
         /// Column holding the time (RFC 3339, epoch, or naive UTC).
         #[arg(long, default_value = "timestamp")]
         time_column: String,
         /// Column holding the request rate.
         #[arg(long, default_value = "value")]
         value_column: String,
-        /// Folder for report.json, report.md, load.svg, replicas.svg and the config used.
+        /// Folder for the report (or, for --topic, the outputs) and the config used.
         #[arg(long, value_name = "DIR")]
         report: PathBuf,
-        /// Print the report as JSON on the last line of stdout.
+        /// Print the report (or the topic replay's summary) as JSON on the last line.
         #[arg(long)]
         json: bool,
     },
@@ -413,6 +446,11 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Replay {
             file,
+            topic,
+            from,
+            from_offset,
+            until,
+            until_offset,
             time_column,
             value_column,
             report,
@@ -429,6 +467,27 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     "# ebb {} built-in defaults: `ebb replay` ran with no config file.\n",
                     env!("CARGO_PKG_VERSION")
                 ),
+            };
+            if let Some(topic) = topic {
+                let bound = |time: Option<String>, offset: Option<i64>, flag: &str| {
+                    use ebb::replay::topic::Bound;
+                    match (time, offset) {
+                        (Some(t), _) => ebb::eval::series::parse_time(&t)
+                            .map(Bound::Time)
+                            .with_context(|| format!("--{flag} {t}: not a time")),
+                        (None, Some(o)) => Ok(Bound::Offset(o)),
+                        (None, None) => Ok(Bound::Edge),
+                    }
+                };
+                let range = ebb::replay::topic::TopicRange {
+                    topic,
+                    from: bound(from, from_offset, "from")?,
+                    until: bound(until, until_offset, "until")?,
+                };
+                return replay_topic(config, config_toml, range, report, json).await;
+            }
+            let Some(file) = file else {
+                bail!("ebb replay needs --file or --topic");
             };
             let job = ebb::replay::FileJob {
                 file,
@@ -1112,4 +1171,73 @@ fn forecast_json(score: &ebb::eval::forecast::ForecastScore) -> serde_json::Valu
         "skill_vs_yesterday": per(|e| e.skill_vs_yesterday),
         "horizons": score.horizons,
     })
+}
+
+/// `ebb replay --topic`: the whole pipeline over a recorded topic, with a progress bar.
+async fn replay_topic(
+    config: Config,
+    config_toml: String,
+    range: ebb::replay::topic::TopicRange,
+    dir: PathBuf,
+    json: bool,
+) -> Result<()> {
+    if config.filter.anonymize.key.is_none() {
+        tracing::warn!("EBB_ANON_KEY is not set: pseudonyms (and so restart commands' instances) will not match the live run's");
+    }
+    let key = wiring::anonymization_key(&config, rand::random);
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} records, {per_sec}, ETA {eta}; simulated {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = std::time::Instant::now();
+    let handle = tokio::runtime::Handle::current();
+    let (progress_bar, out) = (bar.clone(), dir.clone());
+    let summary = tokio::task::spawn_blocking(move || {
+        ebb::replay::topic::replay_topic(
+            &config,
+            &config_toml,
+            &key,
+            &range,
+            &out,
+            handle,
+            &mut |done, total, now| {
+                progress_bar.set_length(total);
+                progress_bar.set_position(done);
+                if let Some(ms) = now {
+                    progress_bar.set_message(ebb::stages::window::aggregate::ms_to_rfc3339(ms));
+                }
+            },
+        )
+    })
+    .await??;
+    bar.finish_and_clear();
+    let wall = started.elapsed().as_secs_f64();
+    let simulated_s = match (summary.counts.first_ms, summary.counts.last_ms) {
+        (Some(a), Some(b)) => (b - a) as f64 / 1000.0,
+        _ => 0.0,
+    };
+    let mut stdout = std::io::stdout();
+    writeln!(
+        stdout,
+        "{}: {} records, {:.0} simulated seconds in {:.2} s ({:.0} records/s, {:.0}x real time); outputs in {}",
+        summary.topic,
+        summary.counts.records,
+        simulated_s,
+        wall,
+        summary.counts.records as f64 / wall.max(1e-9),
+        simulated_s / wall.max(1e-9),
+        dir.display()
+    )?;
+    writeln!(
+        stdout,
+        "commands {:?}, outputs {:?}, dead letters {:?}",
+        summary.counts.commands, summary.counts.outputs, summary.counts.dead_letters
+    )?;
+    if json {
+        writeln!(stdout, "{}", serde_json::to_string(&summary)?)?;
+    }
+    Ok(())
 }

@@ -10,6 +10,9 @@
 //! Event-time driven and free of randomness and wall-clock reads, a replay of the same
 //! input and config writes the same bytes.
 
+pub mod chain;
+pub mod topic;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -1,4 +1,5 @@
-//! End to end on real Kafka: telemetry from `ebb produce` through `ebb run all` to commands.
+//! End to end on real Kafka: telemetry from `ebb produce` through `ebb run all` to commands,
+//! and `ebb replay --topic` of the recorded telemetry giving the same commands.
 //! Its own test binary, so it never shares the machine with the demo tests of `cli.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -65,9 +66,9 @@ interval = "300s"
 
 /// Real Kafka, every stage: a minute of synthetic telemetry from `ebb produce` through
 /// `ebb run all` yields a forecast- or rule-led scale-up of the ramping service and one restart
-/// of the faulty instance, each with its reason.
+/// of the faulty instance, each with its reason; replaying the raw topic reproduces them.
 #[test]
-fn real_kafka_synthetic_telemetry_through_run_all_yields_scale_and_restart_commands() {
+fn real_kafka_run_all_commands_scale_and_restart_and_a_topic_replay_reproduces_them() {
     let Some(target) = Target::real() else { return };
     let brokers = target.brokers();
     let id = format!("e2e{}", rand::random::<u32>());
@@ -148,12 +149,35 @@ fn real_kafka_synthetic_telemetry_through_run_all_yields_scale_and_restart_comma
     }
     let _ = pipeline.kill();
     let tail = log_tail();
+
+    // The recorded raw topic, replayed through the same stages on a simulated clock, gives
+    // the commands the live pipeline gave.
+    let replay_dir = dir.join("replay");
+    let replayed = ebb_here()
+        .args(["replay", "--brokers", &brokers, "--topic"])
+        .arg(config.topics.name(&config.topics.raw))
+        .arg("--report")
+        .arg(&replay_dir)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        replayed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replayed.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&replayed.stdout);
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    assert!(
+        summary["counts"]["records"].as_u64().unwrap_or(0) > 0,
+        "{stdout}"
+    );
+    let replayed_commands = common::replayed_commands(&replay_dir);
     let _ = std::fs::remove_dir_all(&dir);
 
-    let commands: Vec<serde_json::Value> = got
-        .iter()
-        .filter_map(|r| serde_json::from_slice(r.payload.as_deref()?).ok())
-        .collect();
+    let commands = common::commands_of(&got);
+    common::assert_replay_reproduces(&commands, &replayed_commands);
     let scale_up = commands.iter().find(|c| {
         c["action"] == "scale"
             && c["service"] == "checkout"

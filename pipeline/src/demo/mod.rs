@@ -321,6 +321,19 @@ fn reasons_line(by_reason: &BTreeMap<String, u64>) -> String {
 /// Runs the demo until `duration` passes or `interrupt` resolves, printing a live summary to
 /// `out` (stderr in the CLI). Returns the final figures.
 pub async fn run(
+    config: Config,
+    duration: Option<Duration>,
+    interrupt: impl std::future::Future<Output = ()>,
+    out: &mut dyn Write,
+) -> Result<DemoReport, DemoError> {
+    let mock = MockCluster::new(3)?;
+    run_on(&mock, config, duration, interrupt, out).await
+}
+
+/// [`run`] on a mock cluster the caller keeps, so its topics outlive the demo (a test
+/// replays them).
+pub async fn run_on(
+    mock: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
     mut config: Config,
     duration: Option<Duration>,
     interrupt: impl std::future::Future<Output = ()>,
@@ -330,7 +343,6 @@ pub async fn run(
         quicken(&mut config);
     }
     config.validate()?;
-    let mock = MockCluster::new(3)?;
     config.set_brokers(&mock.bootstrap_servers());
     for spec in topics::declared(&config)? {
         mock.create_topic(&spec.name, spec.partitions, 1)?;
@@ -603,7 +615,6 @@ pub async fn run(
         view::print_table(&v, out);
     }
     let command_counts = view.lock().map(|v| v.commands.clone()).unwrap_or_default();
-    drop(mock);
     Ok(DemoReport {
         records_in: summary.consumed,
         out: summary.emitted,

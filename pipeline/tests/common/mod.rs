@@ -336,3 +336,86 @@ fn logs() {
             .try_init();
     }
 }
+
+/// Commands as JSON values, from records read off a commands topic.
+pub fn commands_of(records: &[Read]) -> Vec<serde_json::Value> {
+    records
+        .iter()
+        .filter_map(|r| serde_json::from_slice(r.payload.as_deref()?).ok())
+        .collect()
+}
+
+/// Commands a replay wrote to `commands.jsonl` in `dir`.
+pub fn replayed_commands(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("commands.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a command per line"))
+        .collect()
+}
+
+/// A replay reproduces a live run's commands: per service (Kafka orders a service's
+/// commands, not the topic's), the live commands are the replay's first ones, equal field by
+/// field, same ids, same order. The replay may go on past the live run's last decision: it
+/// closes every window it read, where the live run stopped when it was told to.
+pub fn assert_replay_reproduces(live: &[serde_json::Value], replayed: &[serde_json::Value]) {
+    let by_service = |cs: &[serde_json::Value]| {
+        let mut m: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+        for c in cs {
+            m.entry(c["service"].as_str().unwrap_or_default().to_string())
+                .or_default()
+                .push(c.clone());
+        }
+        m
+    };
+    let (live_by, replay_by) = (by_service(live), by_service(replayed));
+    for (service, live_cs) in &live_by {
+        let replay_cs = replay_by.get(service).cloned().unwrap_or_default();
+        let ids = |cs: &[serde_json::Value]| -> Vec<String> {
+            cs.iter()
+                .map(|c| c["command_id"].as_str().unwrap_or_default().to_string())
+                .collect()
+        };
+        assert!(
+            replay_cs.len() >= live_cs.len(),
+            "{service}: live {:?}, replay {:?}",
+            ids(live_cs),
+            ids(&replay_cs)
+        );
+        for (i, (l, r)) in live_cs.iter().zip(&replay_cs).enumerate() {
+            assert_eq!(
+                l,
+                r,
+                "{service}: command {i} differs; live ids {:?}, replay ids {:?}",
+                ids(live_cs),
+                ids(&replay_cs)
+            );
+        }
+        let last_live = live_cs
+            .last()
+            .and_then(|c| c["decided_at"].as_str())
+            .unwrap_or_default();
+        for extra in &replay_cs[live_cs.len()..] {
+            assert!(
+                extra["decided_at"].as_str().unwrap_or_default() > last_live,
+                "{service}: the replay has {extra} among the live run's decisions"
+            );
+        }
+    }
+    for (service, cs) in &replay_by {
+        if !live_by.contains_key(service) {
+            // Only after the live run stopped deciding anything at all.
+            let last_live = live
+                .iter()
+                .filter_map(|c| c["decided_at"].as_str())
+                .max()
+                .unwrap_or_default();
+            for c in cs {
+                assert!(
+                    c["decided_at"].as_str().unwrap_or_default() > last_live,
+                    "{service}: the replay commanded {c} which the live run never did"
+                );
+            }
+        }
+    }
+}

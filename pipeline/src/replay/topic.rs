@@ -1,0 +1,507 @@
+//! Reading a recorded topic between two points, without disturbing anyone: the partitions
+//! are assigned by hand (no consumer group joins, no offset is committed), so live consumer
+//! groups never rebalance or lose their place because of a replay.
+//!
+//! Records of all partitions come out merged by timestamp (ties by partition), each
+//! partition in its own order: the order a pipeline keeping up with the topic saw them.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::warn;
+
+use super::chain::Recorded;
+use crate::config::Config;
+use crate::runner::{client_config, set_default};
+
+/// One end of the range to replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// The partition's first (for `from`) or its end when the replay starts (for `until`).
+    Edge,
+    /// An offset, the same on every partition (`until` is exclusive).
+    Offset(i64),
+    /// A timestamp, epoch ms: records stamped at or after it (`from`), or before it (`until`).
+    Time(i64),
+}
+
+/// What to replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicRange {
+    /// The topic, as named on the cluster (with any prefix).
+    pub topic: String,
+    /// Where to start.
+    pub from: Bound,
+    /// Where to stop.
+    pub until: Bound,
+}
+
+/// Why a topic could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    /// The client could not be made or the cluster not asked.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The topic is not on the cluster.
+    #[error("topic {0} does not exist on the cluster")]
+    Missing(String),
+}
+
+/// A partition's slice of the range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionRange {
+    /// Partition.
+    pub partition: i32,
+    /// First offset to read.
+    pub start: i64,
+    /// First offset not to read.
+    pub end: i64,
+}
+
+/// The records of a topic range, merged across partitions.
+pub struct TopicSource {
+    consumer: BaseConsumer,
+    ranges: Vec<PartitionRange>,
+    buffers: Vec<VecDeque<Recorded>>,
+    /// Next offset expected per partition (records at or past `end` are not wanted).
+    next: Vec<i64>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for TopicSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TopicSource")
+            .field("ranges", &self.ranges)
+            .finish()
+    }
+}
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl TopicSource {
+    /// Resolves `range` on the cluster of `config` and assigns its partitions.
+    pub fn open(config: &Config, range: &TopicRange) -> Result<Self, TopicError> {
+        let mut cc = client_config(&config.kafka);
+        // Never joined (partitions are assigned), but librdkafka wants a group id to exist.
+        set_default(&mut cc, "group.id", "ebb-replay");
+        cc.set("enable.auto.commit", "false");
+        cc.set("enable.auto.offset.store", "false");
+        set_default(&mut cc, "isolation.level", "read_committed");
+        let consumer: BaseConsumer = cc.create()?;
+        let metadata = consumer.fetch_metadata(Some(&range.topic), METADATA_TIMEOUT)?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == range.topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if partitions.is_empty() {
+            return Err(TopicError::Missing(range.topic.clone()));
+        }
+        let at_time = |ms: i64, fallback: &[(i32, i64)]| -> Result<Vec<i64>, TopicError> {
+            let mut tpl = TopicPartitionList::new();
+            for p in &partitions {
+                tpl.add_partition_offset(&range.topic, *p, Offset::Offset(ms))?;
+            }
+            let found = consumer.offsets_for_times(tpl, METADATA_TIMEOUT)?;
+            Ok(partitions
+                .iter()
+                .map(|p| {
+                    let high = fallback.iter().find(|(q, _)| q == p).map_or(0, |(_, h)| *h);
+                    match found.find_partition(&range.topic, *p).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => o,
+                        // No record at or after the time: the partition's end.
+                        _ => high,
+                    }
+                })
+                .collect())
+        };
+        let mut marks = Vec::new();
+        for p in &partitions {
+            let (low, high) = consumer.fetch_watermarks(&range.topic, *p, METADATA_TIMEOUT)?;
+            marks.push((*p, low, high));
+        }
+        let highs: Vec<(i32, i64)> = marks.iter().map(|(p, _, h)| (*p, *h)).collect();
+        let starts = match range.from {
+            Bound::Edge => marks.iter().map(|m| m.1).collect(),
+            Bound::Offset(o) => marks.iter().map(|m| o.clamp(m.1, m.2)).collect(),
+            Bound::Time(ms) => at_time(ms, &highs)?,
+        };
+        let ends = match range.until {
+            Bound::Edge => marks.iter().map(|m| m.2).collect(),
+            Bound::Offset(o) => marks.iter().map(|m| o.clamp(m.1, m.2)).collect(),
+            Bound::Time(ms) => at_time(ms, &highs)?,
+        };
+        let ranges: Vec<PartitionRange> = partitions
+            .iter()
+            .zip(starts.iter().zip(&ends))
+            .map(|(p, (s, e))| PartitionRange {
+                partition: *p,
+                start: (*s).max(marks.iter().find(|m| m.0 == *p).map_or(0, |m| m.1)),
+                end: *e,
+            })
+            .collect();
+        let mut tpl = TopicPartitionList::new();
+        for r in ranges.iter().filter(|r| r.start < r.end) {
+            tpl.add_partition_offset(&range.topic, r.partition, Offset::Offset(r.start))?;
+        }
+        consumer.assign(&tpl)?;
+        let n = ranges.len();
+        Ok(Self {
+            consumer,
+            next: ranges.iter().map(|r| r.start).collect(),
+            ranges,
+            buffers: vec![VecDeque::new(); n],
+            timeout: Duration::from_millis(200),
+        })
+    }
+
+    /// Each partition's slice of the range.
+    pub fn ranges(&self) -> &[PartitionRange] {
+        &self.ranges
+    }
+
+    /// Offsets in the range (an upper bound on its records: transaction markers and
+    /// compacted records take offsets too).
+    pub fn offsets(&self) -> u64 {
+        self.ranges
+            .iter()
+            .map(|r| u64::try_from(r.end - r.start).unwrap_or(0))
+            .sum()
+    }
+
+    fn done(&self, i: usize) -> bool {
+        self.next[i] >= self.ranges[i].end
+    }
+
+    /// Fetches until every partition not yet finished has a record waiting.
+    fn fill(&mut self) {
+        while (0..self.ranges.len()).any(|i| self.buffers[i].is_empty() && !self.done(i)) {
+            match self.consumer.poll(self.timeout) {
+                Some(Ok(m)) => {
+                    let Some(i) = self
+                        .ranges
+                        .iter()
+                        .position(|r| r.partition == m.partition())
+                    else {
+                        continue;
+                    };
+                    if m.offset() >= self.ranges[i].end || m.offset() < self.next[i] {
+                        continue;
+                    }
+                    self.next[i] = m.offset() + 1;
+                    self.buffers[i].push_back(Recorded {
+                        key: m.key().map(<[u8]>::to_vec),
+                        payload: m.payload().map(<[u8]>::to_vec),
+                        headers: m
+                            .headers()
+                            .map(|hs| {
+                                hs.iter()
+                                    .map(|h| {
+                                        (h.key.to_string(), h.value.unwrap_or_default().to_vec())
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        timestamp_ms: m.timestamp().to_millis(),
+                    });
+                }
+                Some(Err(e)) => {
+                    // A broker outage is waited out: the range is still there to read.
+                    warn!(error = %e, "replay read failed; retrying");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                None => {
+                    // The end offsets were read at the start; transaction markers and
+                    // aborted records fill the gap to them without ever arriving.
+                    for i in 0..self.ranges.len() {
+                        if self.buffers[i].is_empty()
+                            && self
+                                .fetch_position(i)
+                                .is_some_and(|p| p >= self.ranges[i].end)
+                        {
+                            self.next[i] = self.ranges[i].end;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The consumer's fetch position on partition `i`, if known.
+    fn fetch_position(&self, i: usize) -> Option<i64> {
+        let tpl = self.consumer.position().ok()?;
+        let topic = tpl.elements().first()?.topic().to_string();
+        match tpl
+            .find_partition(&topic, self.ranges[i].partition)?
+            .offset()
+        {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }
+    }
+}
+
+impl Iterator for TopicSource {
+    type Item = Recorded;
+
+    fn next(&mut self) -> Option<Recorded> {
+        self.fill();
+        let i = (0..self.buffers.len())
+            .filter(|i| !self.buffers[*i].is_empty())
+            .min_by_key(|i| {
+                let r = &self.buffers[*i][0];
+                (r.timestamp_ms.unwrap_or(i64::MIN), r.partition)
+            })?;
+        self.buffers[i].pop_front()
+    }
+}
+
+/// Writes the chain's outputs as JSON lines, one file per topic role, in emission order.
+#[derive(Debug)]
+pub struct FileSink {
+    dir: std::path::PathBuf,
+    files: std::collections::BTreeMap<&'static str, std::io::BufWriter<std::fs::File>>,
+    error: Option<std::io::Error>,
+}
+
+/// The roles a topic replay writes to files; clean telemetry is left out (it is as big as
+/// the input and says nothing a backtest needs).
+pub const WRITTEN: &[&str] = &["aggregates", "late", "anomalies", "forecasts", "commands"];
+
+impl FileSink {
+    /// A sink writing `<role>.jsonl` and `dead-letters.jsonl` into `dir`.
+    pub fn new(dir: &std::path::Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            files: std::collections::BTreeMap::new(),
+            error: None,
+        }
+    }
+
+    fn write(&mut self, name: &'static str, line: &[u8]) {
+        if self.error.is_some() {
+            return;
+        }
+        use std::io::Write;
+        let file = match self.files.entry(name) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                match std::fs::File::create(self.dir.join(format!("{name}.jsonl"))) {
+                    Ok(f) => v.insert(std::io::BufWriter::new(f)),
+                    Err(e) => {
+                        self.error = Some(e);
+                        return;
+                    }
+                }
+            }
+        };
+        if let Err(e) = file.write_all(line).and_then(|()| file.write_all(b"\n")) {
+            self.error = Some(e);
+        }
+    }
+
+    /// Flushes every file; the first write error, if any.
+    pub fn close(mut self) -> std::io::Result<()> {
+        use std::io::Write;
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        for (_, mut f) in std::mem::take(&mut self.files) {
+            f.flush()?;
+        }
+        Ok(())
+    }
+}
+
+impl super::chain::Sink for FileSink {
+    fn output(&mut self, role: &'static str, output: &crate::stage::Output) {
+        if !WRITTEN.contains(&role) {
+            return;
+        }
+        if crate::codec::Format::detect(&output.payload) == Some(crate::codec::Format::Json) {
+            self.write(role, &output.payload);
+        } else {
+            // An Avro value (the input was Avro): its JSON would need the writer schema;
+            // the key and size still say it happened.
+            let line = serde_json::json!({
+                "key": String::from_utf8_lossy(&output.key),
+                "avro_bytes": output.payload.len(),
+            });
+            self.write(role, line.to_string().as_bytes());
+        }
+    }
+
+    fn dead_letter(&mut self, stage: &'static str, dead: &crate::stage::DeadLetter) {
+        let line = serde_json::json!({
+            "stage": stage,
+            "reason": dead.reason,
+            "detail": dead.detail,
+            "source": dead.source.to_string(),
+        });
+        self.write("dead-letters", line.to_string().as_bytes());
+    }
+}
+
+/// What a topic replay did, written to `summary.json`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TopicSummary {
+    /// The topic read.
+    pub topic: String,
+    /// Each partition's offsets read, `[start, end)`.
+    pub partitions: Vec<(i32, i64, i64)>,
+    /// Simulated time covered (RFC 3339, UTC).
+    pub from: Option<String>,
+    /// See `from`.
+    pub until: Option<String>,
+    /// Everything that went through the stages.
+    pub counts: super::chain::ChainCounts,
+}
+
+/// Why a topic replay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicReplayError {
+    /// The topic could not be read.
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    /// The window stage's engine would not start.
+    #[error(transparent)]
+    Aggregate(#[from] crate::stages::window::aggregate::AggregateError),
+    /// The outputs could not be written.
+    #[error("{0}: {1}")]
+    Write(std::path::PathBuf, std::io::Error),
+    /// Avro records need the registry, which could not be used.
+    #[error("schema registry: {0}")]
+    Registry(#[from] crate::codec::registry::RegistryError),
+}
+
+/// Avro input through the registry: the writer schemas of the records, and the ids of the
+/// schemas the stages write (registered as `ebb run` registers them).
+struct AvroInput {
+    registry: crate::codec::registry::Registry,
+    cache: crate::codec::SchemaCache,
+    handle: tokio::runtime::Handle,
+    registered: bool,
+}
+
+impl AvroInput {
+    fn prepare(&mut self, config: &Config, payload: &[u8]) -> Result<(), TopicReplayError> {
+        let Some(id) = crate::codec::confluent_schema_id(payload) else {
+            return Ok(());
+        };
+        if !self.registered {
+            let topics = &config.topics;
+            for out in crate::schemas::filter_outputs(topics)
+                .into_iter()
+                .chain(crate::schemas::window_outputs(topics))
+            {
+                let id = self
+                    .handle
+                    .block_on(self.registry.register(&out.subject, out.schema))?;
+                self.cache.set_output_id(out.key, id);
+            }
+            self.registered = true;
+        }
+        if self.cache.knows(id) {
+            return Ok(());
+        }
+        match self.handle.block_on(self.registry.schema_by_id(id)) {
+            Ok(text) => {
+                if self.cache.insert(id, &text).is_err() {
+                    self.cache.insert_missing(id);
+                }
+            }
+            // The filter dead-letters the record with its reason.
+            Err(crate::codec::registry::RegistryError::NotFound(_)) => {
+                self.cache.insert_missing(id);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+}
+
+/// Replays `range` through the whole pipeline into `dir`: `<role>.jsonl` per output,
+/// `dead-letters.jsonl`, `summary.json` and the config used (`ebb.toml`). `progress` hears
+/// (records done, offsets in the range, simulated time) every so often. Avro records are
+/// read through the registry of `config`, on `handle`.
+pub fn replay_topic(
+    config: &Config,
+    config_toml: &str,
+    anon_key: &[u8],
+    range: &TopicRange,
+    dir: &std::path::Path,
+    handle: tokio::runtime::Handle,
+    progress: &mut dyn FnMut(u64, u64, Option<i64>),
+) -> Result<TopicSummary, TopicReplayError> {
+    let source = TopicSource::open(config, range)?;
+    let write_err = |path: std::path::PathBuf| move |e| TopicReplayError::Write(path, e);
+    std::fs::create_dir_all(dir).map_err(write_err(dir.to_path_buf()))?;
+    let config_path = dir.join("ebb.toml");
+    std::fs::write(&config_path, config_toml).map_err(write_err(config_path.clone()))?;
+    let total = source.offsets();
+    let partitions = source
+        .ranges()
+        .iter()
+        .map(|r| (r.partition, r.start, r.end))
+        .collect();
+    let schemas = crate::codec::SchemaCache::default();
+    let mut avro = crate::wiring::registry(config)?.map(|registry| AvroInput {
+        registry,
+        cache: schemas.clone(),
+        handle,
+        registered: false,
+    });
+    let mut sink = FileSink::new(dir);
+    let mut chain: Option<super::chain::Chain> = None;
+    let mut done = 0u64;
+    for record in source {
+        if let (Some(avro), Some(payload)) = (&mut avro, &record.payload) {
+            avro.prepare(config, payload)?;
+        }
+        let c = match &mut chain {
+            Some(c) => c,
+            None => chain.insert(super::chain::Chain::new(
+                config,
+                anon_key,
+                schemas.clone(),
+                record.timestamp_ms.unwrap_or(0),
+            )?),
+        };
+        c.push(&record, &mut sink);
+        done += 1;
+        if done.is_multiple_of(1024) {
+            progress(done, total, c.now_ms());
+        }
+    }
+    let counts = match &mut chain {
+        Some(c) => {
+            c.finish(&mut sink);
+            progress(done, total, c.now_ms());
+            c.counts().clone()
+        }
+        None => super::chain::ChainCounts::default(),
+    };
+    sink.close().map_err(write_err(dir.to_path_buf()))?;
+    let summary = TopicSummary {
+        topic: range.topic.clone(),
+        partitions,
+        from: counts
+            .first_ms
+            .map(crate::stages::window::aggregate::ms_to_rfc3339),
+        until: counts
+            .last_ms
+            .map(crate::stages::window::aggregate::ms_to_rfc3339),
+        counts,
+    };
+    let path = dir.join("summary.json");
+    let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
+    std::fs::write(&path, text + "\n").map_err(write_err(path.clone()))?;
+    Ok(summary)
+}

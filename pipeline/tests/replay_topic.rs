@@ -1,0 +1,73 @@
+//! Replaying a recorded topic through the whole pipeline reproduces what the live pipeline
+//! commanded. Its own test binary: the demo it records takes both cores for a minute.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use ebb::config::{Config, Secret};
+use ebb::replay::topic::{replay_topic, Bound, TopicRange};
+
+/// A demo run on the mock cluster, kept alive after it ends; its raw telemetry topic is
+/// replayed with the demo's own settings and compared with its commands topic.
+#[test]
+fn replaying_a_demo_runs_raw_topic_reproduces_its_commands_on_the_mock_cluster() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mock = rdkafka::mocking::MockCluster::new(3).unwrap();
+    let mut config = Config::default();
+    config.http.enabled = false;
+    config.sql.pg_enabled = false;
+    config.demo.quick = true;
+    config.filter.anonymize.key = Some(Secret::new("replay-test-key-0123456789"));
+    let mut log = Vec::new();
+    let report = rt
+        .block_on(ebb::demo::run_on(
+            &mock,
+            config.clone(),
+            Some(Duration::from_secs(60)),
+            std::future::pending(),
+            &mut log,
+        ))
+        .unwrap();
+    assert!(report.records_in > 0);
+    // What the demo ran with.
+    ebb::demo::quicken(&mut config);
+    config.set_brokers(&mock.bootstrap_servers());
+    let commands_topic = config.topics.name(&config.topics.commands);
+    let live = common::commands_of(&common::read_until_quiet(
+        &config,
+        &[&commands_topic],
+        1,
+        Duration::from_secs(3),
+        Duration::from_secs(60),
+    ));
+    assert!(live.iter().any(|c| c["action"] == "scale"), "{live:#?}");
+    assert!(live.iter().any(|c| c["action"] == "restart"), "{live:#?}");
+
+    let dir = std::env::temp_dir().join(format!("ebb-replay-topic-{}", rand::random::<u32>()));
+    let range = TopicRange {
+        topic: config.topics.name(&config.topics.raw),
+        from: Bound::Edge,
+        until: Bound::Edge,
+    };
+    let key = b"replay-test-key-0123456789".to_vec();
+    let summary = replay_topic(
+        &config,
+        "",
+        &key,
+        &range,
+        &dir,
+        rt.handle().clone(),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    assert_eq!(summary.counts.records, report.produced);
+    let replayed = common::replayed_commands(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    common::assert_replay_reproduces(&live, &replayed);
+}
