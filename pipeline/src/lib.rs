@@ -8,6 +8,7 @@ pub mod actuators;
 pub mod bench;
 pub mod bench_decide;
 pub mod bench_models;
+pub mod bench_replay;
 pub mod bench_window;
 pub mod clock;
 pub mod codec;

@@ -324,6 +324,19 @@ enum BenchWhat {
         #[arg(long, value_name = "PATH")]
         python: Option<PathBuf>,
     },
+    /// Replay speed: the whole pipeline (filter, window, models, decide) on a simulated
+    /// clock for a synthetic fleet, one core; records/s and simulated time per wall time.
+    Replay {
+        /// Services (one instance each, five metrics).
+        #[arg(long, default_value_t = 1_000)]
+        services: usize,
+        /// Simulated hours.
+        #[arg(long, default_value_t = 24.0)]
+        hours: f64,
+        /// Time between a metric's samples.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+    },
     /// Filter throughput in-process (JSON, Avro) and through a broker vs raw consume.
     Filter {
         /// Records per measurement.
@@ -767,6 +780,36 @@ async fn dispatch(cli: Cli) -> Result<()> {
             println!(
                 "  window close -> committed command   p50 {:.1} ms   p99 {:.1} ms   max {:.1} ms",
                 f.p50_ms, f.p99_ms, f.max_ms
+            );
+            println!("{}", serde_json::to_string(&f)?);
+            Ok(())
+        }
+        Command::Bench {
+            what:
+                BenchWhat::Replay {
+                    services,
+                    hours,
+                    interval,
+                },
+        } => {
+            let f = tokio::task::spawn_blocking(move || {
+                ebb::bench_replay::run(services, hours, interval, 6)
+            })
+            .await??;
+            println!(
+                "replay benchmark: {} services x {:.1} simulated hours, a sample per metric every {} s, one core",
+                f.services, f.simulated_hours, f.interval_s
+            );
+            println!(
+                "  {} records in {:.1} s: {:.0} records/s, {:.0}x real time; {} aggregates, {} commands; peak RSS {}",
+                f.records,
+                f.wall_s,
+                f.records_per_s,
+                f.simulated_per_wall,
+                f.aggregates,
+                f.commands,
+                f.peak_rss_mib
+                    .map_or_else(|| "unknown".to_string(), |m| format!("{m:.0} MiB"))
             );
             println!("{}", serde_json::to_string(&f)?);
             Ok(())
