@@ -83,7 +83,8 @@ enum Command {
     /// report.md, plots). `--topic`: a recorded raw telemetry topic through the whole
     /// pipeline (filter, window, models, decide) on a simulated clock, outputs to files.
     Replay {
-        /// CSV file: one service's request rate over time.
+        /// CSV, JSON lines (.jsonl) or Parquet (.parquet) file: one service's request rate
+        /// over time.
         #[arg(
             long,
             value_name = "CSV",

@@ -116,7 +116,7 @@ pub enum ReplayError {
 /// One file replay.
 #[derive(Debug, Clone)]
 pub struct FileJob {
-    /// The CSV.
+    /// The CSV, JSON lines or Parquet file.
     pub file: PathBuf,
     /// Its time column.
     pub time_column: String,

@@ -1,4 +1,5 @@
-//! One time series read from a CSV file: a time column and a value column, by name.
+//! One time series read from a file: a time column and a value column, by name. CSV, JSON
+//! lines (`.jsonl`, `.ndjson`) and Parquet (`.parquet`) are told apart by the extension.
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +37,9 @@ pub enum SeriesError {
     /// Fewer than two rows.
     #[error("{0}: fewer than two data rows")]
     TooShort(PathBuf),
+    /// A JSON lines or Parquet file could not be read.
+    #[error("{0}: {1}")]
+    Read(PathBuf, String),
 }
 
 /// A series: event times (UTC milliseconds), values, and the cells as written.
@@ -96,13 +100,163 @@ pub fn parse_time(text: &str) -> Option<i64> {
         .map(|t| t.timestamp_millis())
 }
 
-/// Reads `time_column` and `value_column` of the CSV at `path`. Every row must parse: a bad
-/// cell is an error naming its line, never a silently skipped row.
+/// Reads `time_column` and `value_column` of the file at `path` (CSV, or JSON lines or
+/// Parquet by extension). Every row must parse: a bad cell is an error naming its line (or
+/// row), never a silently skipped row.
 pub fn read_series(
     path: &Path,
     time_column: &str,
     value_column: &str,
 ) -> Result<Series, SeriesError> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    let series = match ext.as_str() {
+        "jsonl" | "ndjson" => read_jsonl(path, time_column, value_column)?,
+        "parquet" => read_parquet(path, time_column, value_column)?,
+        _ => read_csv(path, time_column, value_column)?,
+    };
+    if series.len() < 2 {
+        return Err(SeriesError::TooShort(path.to_path_buf()));
+    }
+    Ok(series)
+}
+
+/// Adds one row, checking both cells; `at` names the row in an error.
+fn push_row(
+    series: &mut Series,
+    (time_column, time): (&str, &str),
+    (value_column, value): (&str, &str),
+    bad: impl Fn(String) -> SeriesError,
+) -> Result<(), SeriesError> {
+    let ms = parse_time(time)
+        .ok_or_else(|| bad(format!("{time_column} {time:?} is not a timestamp")))?;
+    let x: f64 = value
+        .trim()
+        .parse()
+        .ok()
+        .filter(|x: &f64| x.is_finite())
+        .ok_or_else(|| bad(format!("{value_column} {value:?} is not a finite number")))?;
+    series.times.push(ms);
+    series.values.push(x);
+    series.raw_times.push(time.to_string());
+    series.raw_values.push(value.to_string());
+    Ok(())
+}
+
+fn read_jsonl(path: &Path, time_column: &str, value_column: &str) -> Result<Series, SeriesError> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path)
+        .map_err(|e| SeriesError::Read(path.to_path_buf(), e.to_string()))?;
+    let mut series = Series::default();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| SeriesError::Read(path.to_path_buf(), e.to_string()))?;
+        let n = u64::try_from(i + 1).unwrap_or(u64::MAX);
+        let bad = |why: String| SeriesError::Cell {
+            path: path.to_path_buf(),
+            line: n,
+            why,
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let cell = |column: &str| match row.get(column) {
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(v @ serde_json::Value::Number(_)) => Ok(v.to_string()),
+            Some(other) => Err(bad(format!("{column} is {other}, not a string or number"))),
+            None => Err(bad(format!("no field {column:?}"))),
+        };
+        let (time, value) = (cell(time_column)?, cell(value_column)?);
+        push_row(
+            &mut series,
+            (time_column, &time),
+            (value_column, &value),
+            bad,
+        )?;
+    }
+    Ok(series)
+}
+
+fn read_parquet(path: &Path, time_column: &str, value_column: &str) -> Result<Series, SeriesError> {
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::compute::cast;
+    use datafusion::arrow::datatypes::{DataType, Float64Type, TimeUnit, TimestampMillisecondType};
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let fail = |e: &dyn std::fmt::Display| SeriesError::Read(path.to_path_buf(), e.to_string());
+    let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| fail(&e))?
+        .build()
+        .map_err(|e| fail(&e))?;
+    let mut series = Series::default();
+    let mut row = 0u64;
+    for batch in reader {
+        let batch = batch.map_err(|e| fail(&e))?;
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .cloned()
+                .ok_or_else(|| SeriesError::NoColumn {
+                    path: path.to_path_buf(),
+                    column: name.to_string(),
+                    header: batch
+                        .schema()
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                })
+        };
+        let (t, v) = (column(time_column)?, column(value_column)?);
+        let values = cast(&v, &DataType::Float64).map_err(|e| fail(&e))?;
+        let values = values.as_primitive::<Float64Type>();
+        // Timestamps are taken as stored (UTC); anything else as text, as a CSV cell would.
+        let stamps = match t.data_type() {
+            DataType::Timestamp(..) | DataType::Date32 | DataType::Date64 => Some(
+                cast(&t, &DataType::Timestamp(TimeUnit::Millisecond, None))
+                    .map_err(|e| fail(&e))?,
+            ),
+            _ => None,
+        };
+        let texts = match stamps {
+            Some(_) => None,
+            None => Some(cast(&t, &DataType::Utf8).map_err(|e| fail(&e))?),
+        };
+        for i in 0..batch.num_rows() {
+            row += 1;
+            let bad = |why: String| SeriesError::Cell {
+                path: path.to_path_buf(),
+                line: row,
+                why,
+            };
+            if values.is_null(i) {
+                return Err(bad(format!("{value_column} is null")));
+            }
+            let value = values.value(i).to_string();
+            let time = match (&stamps, &texts) {
+                (Some(s), _) if !s.is_null(i) => {
+                    let ms = s.as_primitive::<TimestampMillisecondType>().value(i);
+                    crate::stages::window::aggregate::ms_to_rfc3339(ms)
+                }
+                (None, Some(t)) if !t.is_null(i) => t.as_string::<i32>().value(i).to_string(),
+                _ => return Err(bad(format!("{time_column} is null"))),
+            };
+            push_row(
+                &mut series,
+                (time_column, &time),
+                (value_column, &value),
+                bad,
+            )?;
+        }
+    }
+    Ok(series)
+}
+
+fn read_csv(path: &Path, time_column: &str, value_column: &str) -> Result<Series, SeriesError> {
     let io = |source| SeriesError::Io {
         path: path.to_path_buf(),
         source,
@@ -134,20 +288,100 @@ pub fn read_series(
             why,
         };
         let (time, value) = (cell(t), cell(v));
-        let ms = parse_time(time)
-            .ok_or_else(|| bad(format!("{time_column} {time:?} is not a timestamp")))?;
-        let x: f64 = value
-            .parse()
-            .ok()
-            .filter(|x: &f64| x.is_finite())
-            .ok_or_else(|| bad(format!("{value_column} {value:?} is not a finite number")))?;
-        series.times.push(ms);
-        series.values.push(x);
-        series.raw_times.push(time.to_string());
-        series.raw_values.push(value.to_string());
-    }
-    if series.len() < 2 {
-        return Err(SeriesError::TooShort(path.to_path_buf()));
+        push_row(&mut series, (time_column, time), (value_column, value), bad)?;
     }
     Ok(series)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Float64Array, StringArray, TimestampMillisecondArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use datafusion::arrow::record_batch::RecordBatch;
+    use std::sync::Arc;
+
+    fn dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ebb-series-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+        d
+    }
+
+    #[test]
+    fn csv_json_lines_and_parquet_give_the_same_series() {
+        let d = dir();
+        let csv = d.join("load.csv");
+        std::fs::write(
+            &csv,
+            "ts,rps\n2026-01-05 00:00:00,10.5\n2026-01-05 00:05:00,12\n2026-01-05 00:10:00,9\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let jsonl = d.join("load.jsonl");
+        std::fs::write(
+            &jsonl,
+            "{\"ts\":\"2026-01-05T00:00:00Z\",\"rps\":10.5}\n\n{\"ts\":1767571500,\"rps\":\"12\"}\n{\"ts\":\"2026-01-05T01:10:00+01:00\",\"rps\":9}\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let parquet = d.join("load.parquet");
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                false,
+            ),
+            Field::new("rps", DataType::Float64, false),
+            Field::new("note", DataType::Utf8, true),
+        ]));
+        let t0 = 1_767_571_200_000i64;
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(TimestampMillisecondArray::from(vec![
+                    t0,
+                    t0 + 300_000,
+                    t0 + 600_000,
+                ])),
+                Arc::new(Float64Array::from(vec![10.5, 12.0, 9.0])),
+                Arc::new(StringArray::from(vec![Some("a"), None, Some("c")])),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let file = std::fs::File::create(&parquet).unwrap_or_else(|e| panic!("{e}"));
+        let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(file, schema, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        w.write(&batch).unwrap_or_else(|e| panic!("{e}"));
+        w.close().unwrap_or_else(|e| panic!("{e}"));
+
+        let read = |p: &Path| read_series(p, "ts", "rps").unwrap_or_else(|e| panic!("{e}"));
+        let (a, b, c) = (read(&csv), read(&jsonl), read(&parquet));
+        assert_eq!(a.times, vec![t0, t0 + 300_000, t0 + 600_000]);
+        assert_eq!(a.values, vec![10.5, 12.0, 9.0]);
+        for s in [&b, &c] {
+            assert_eq!(s.times, a.times);
+            assert_eq!(s.values, a.values);
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_bad_json_line_or_missing_column_is_an_error_naming_it() {
+        let d = dir();
+        let jsonl = d.join("bad.jsonl");
+        std::fs::write(
+            &jsonl,
+            "{\"ts\":\"2026-01-05T00:00:00Z\",\"rps\":1}\n{\"ts\":\"2026-01-05T00:01:00Z\"}\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let e = read_series(&jsonl, "ts", "rps")
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref()
+                .is_some_and(|e| e.contains(":2:") && e.contains("rps")),
+            "{e:?}"
+        );
+        let parquet_missing = read_series(&d.join("none.parquet"), "ts", "rps");
+        assert!(parquet_missing.is_err());
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }
