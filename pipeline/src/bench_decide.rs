@@ -103,7 +103,7 @@ pub fn run(services: usize, windows: usize, pause: Duration) -> Result<DecideFig
         .build()?;
     let mock = MockCluster::new(3)?;
     let mut config = Config::default();
-    config.set_brokers(&mock.bootstrap_servers());
+    crate::demo::use_mock(&mut config, &mock);
     for spec in crate::topics::declared(&config)? {
         mock.create_topic(&spec.name, spec.partitions, 1)?;
     }
@@ -148,7 +148,6 @@ pub fn run(services: usize, windows: usize, pause: Duration) -> Result<DecideFig
     let mut latencies = Vec::new();
     let total = windows + 2;
     let mut received = 0usize;
-    let want = services * total;
     for w in 0..total {
         let start = t0 + w as i64 * 10_000;
         // 600 and 300 requests/s alternately on 4 replicas of 100: 9 then 5 replicas.
@@ -171,12 +170,21 @@ pub fn run(services: usize, windows: usize, pause: Duration) -> Result<DecideFig
                 producer.poll(Duration::from_millis(1));
             }
         }
-        producer.flush(Duration::from_secs(10))?;
+        // rust-rdkafka's flush naps 100 ms between polls, which would delay reading the
+        // commands, not making them: poll briefly instead.
+        let flushed_by = Instant::now() + Duration::from_secs(10);
+        while producer.in_flight_count() > 0 && Instant::now() < flushed_by {
+            producer.poll(Duration::from_millis(1));
+        }
+        // Each window's commands are awaited before the next window closes: a steady state,
+        // not a backlog. The first window waits for the stage to join its group as well.
+        let window_end = start + 10_000;
         let until = Instant::now() + pause;
-        while Instant::now() < until || (w + 1 == total && received < want) {
-            if w + 1 == total && Instant::now() > until + Duration::from_secs(30) {
-                break;
-            }
+        let give_up = Instant::now() + Duration::from_secs(60);
+        let mut this_window = 0usize;
+        while (Instant::now() < until || (w > 0 && this_window < services))
+            && Instant::now() < give_up
+        {
             let Some(Ok(m)) = consumer.poll(Duration::from_millis(1)) else {
                 continue;
             };
@@ -190,6 +198,9 @@ pub fn run(services: usize, windows: usize, pause: Duration) -> Result<DecideFig
             let end = chrono::DateTime::parse_from_rfc3339(&command.decided_at)
                 .map(|t| t.timestamp_millis())
                 .unwrap_or_default();
+            if end == window_end {
+                this_window += 1;
+            }
             // The first windows warm the stage (capacity, first decisions) and are not timed.
             if end >= t0 + 30_000 {
                 if let Some(at) = sent_at.get(&end) {

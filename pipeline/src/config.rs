@@ -239,6 +239,11 @@ pub struct RunnerConfig {
     /// First back-off when outputs fail or the registry is down; doubles up to 30 s. Default 500 ms.
     #[serde(with = "humantime_serde")]
     pub retry_backoff: Duration,
+    /// librdkafka's `fetch.wait.max.ms` for stage consumers (unless `[kafka]` sets it).
+    /// Unset, librdkafka's 500 ms: a broker answers as soon as data arrives anyway. The mock
+    /// cluster answers only when the wait runs out, so the demo sets 10 ms.
+    #[serde(default, with = "humantime_serde")]
+    pub fetch_wait: Option<Duration>,
 }
 
 impl Default for RunnerConfig {
@@ -249,6 +254,7 @@ impl Default for RunnerConfig {
             poll_timeout: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(30),
             retry_backoff: Duration::from_millis(500),
+            fetch_wait: None,
         }
     }
 }

@@ -318,6 +318,20 @@ fn reasons_line(by_reason: &BTreeMap<String, u64>) -> String {
         .join(", ")
 }
 
+/// Points `config` at the in-process mock cluster. The mock answers a fetch that finds no
+/// data only when its wait runs out (a real broker answers as soon as data arrives), so
+/// stage consumers here wait 10 ms, not librdkafka's default 500 ms, unless configured.
+pub fn use_mock(
+    config: &mut Config,
+    mock: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+) {
+    config.set_brokers(&mock.bootstrap_servers());
+    config
+        .runner
+        .fetch_wait
+        .get_or_insert(Duration::from_millis(10));
+}
+
 /// Runs the demo until `duration` passes or `interrupt` resolves, printing a live summary to
 /// `out` (stderr in the CLI). Returns the final figures.
 pub async fn run(
@@ -343,7 +357,7 @@ pub async fn run_on(
         quicken(&mut config);
     }
     config.validate()?;
-    config.set_brokers(&mock.bootstrap_servers());
+    use_mock(&mut config, mock);
     for spec in topics::declared(&config)? {
         mock.create_topic(&spec.name, spec.partitions, 1)?;
     }

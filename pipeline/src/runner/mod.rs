@@ -491,6 +491,9 @@ fn subscribed(
 ) -> Result<BaseConsumer<ConsumerCtx>, RunnerError> {
     set_default(&mut cc, "auto.offset.reset", "earliest");
     set_default(&mut cc, "statistics.interval.ms", "5000");
+    if let Some(wait) = ctx.settings.fetch_wait {
+        set_default(&mut cc, "fetch.wait.max.ms", &wait.as_millis().to_string());
+    }
     let consumer: BaseConsumer<ConsumerCtx> = cc.create_with_context(ConsumerCtx {
         stage: name,
         metrics: ctx.metrics.clone(),
