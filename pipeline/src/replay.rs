@@ -4,7 +4,7 @@
 //!
 //! ebb's policy here is the decide stage's own [`policy::scale`] fed by the models stage's
 //! own [`Forecaster`], window by window, exactly as `ebb run` feeds them: the forecast made
-//! at a window's start, at the horizon that covers the replicas' start-up. The HPA baseline
+//! at the window's end, at the horizon that covers the replicas' start-up. The HPA baseline
 //! is the same scale function with no forecast (its reactive rule) and the HPA's default
 //! behaviour: tolerance 0.1, no scale-up stabilization, five minutes down, no step limit.
 //! Event-time driven and free of randomness and wall-clock reads, a replay of the same
@@ -176,17 +176,8 @@ struct Ebb {
 impl Policy for Ebb {
     fn decide(&mut self, _: usize, t_ms: i64, load: f64, cluster: &Cluster) -> Option<u32> {
         let startup_ms = i64::try_from(self.scale.startup_time.as_millis()).unwrap_or(i64::MAX);
-        let obs = Observation {
-            window_start: t_ms - self.window_ms,
-            window_end: t_ms,
-            load: Some(load),
-            replicas: cluster.ready().max(1),
-            utilization: None,
-            // As in the decide stage: the latest forecast made by the window's start.
-            forecast: self.last.as_ref().and_then(|f| f.view(t_ms, startup_ms)),
-            anomaly_open: false,
-        };
-        let decision = policy::scale(&mut self.state, &self.scale, &self.limits, &obs);
+        // As the models stage: the window's load updates the forecaster at the window's end,
+        // and decide waits for that forecast.
         let predictions = self.forecaster.update(t_ms, load, &self.forecast_cfg);
         if !predictions.is_empty() {
             self.last = Some(StoredForecast::new(
@@ -195,7 +186,20 @@ impl Policy for Ebb {
                 &predictions,
             ));
         }
-        decision.map(|d| d.target)
+        let obs = Observation {
+            window_start: t_ms - self.window_ms,
+            window_end: t_ms,
+            load: Some(load),
+            replicas: cluster.ready().max(1),
+            utilization: None,
+            // As decide: far enough ahead to reach the next decision's replicas serving.
+            forecast: self
+                .last
+                .as_ref()
+                .and_then(|f| f.view(t_ms, startup_ms + self.window_ms)),
+            anomaly_open: false,
+        };
+        policy::scale(&mut self.state, &self.scale, &self.limits, &obs).map(|d| d.target)
     }
 }
 

@@ -241,7 +241,8 @@ pub fn decide(
         &config.models.signals,
         inputs,
         AvroCodec { schemas: cache },
-    );
+    )
+    .expecting_forecasts_every(config.models.forecast_step);
     if let Some(store) = store {
         stage = stage.with_store(store);
     }

@@ -134,7 +134,8 @@ impl Chain {
                 anomalies: names.anomalies.clone(),
             },
             codec(),
-        );
+        )
+        .expecting_forecasts_every(config.models.forecast_step);
         Ok(Self {
             filter: FilterStage::new(config.filter.clone(), anon_key, codec(), start),
             window: WindowStage::new(config.window.clone(), codec(), None, start)?,

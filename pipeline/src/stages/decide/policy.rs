@@ -114,7 +114,7 @@ pub struct Observation {
     pub replicas: u32,
     /// Mean utilization of a replica, as a fraction.
     pub utilization: Option<f64>,
-    /// The latest forecast made by the window's start, if any.
+    /// The latest forecast made by the window's end, if any.
     pub forecast: Option<ForecastView>,
     /// An anomaly is open: no scale-down.
     pub anomaly_open: bool,
@@ -199,8 +199,9 @@ fn forecast_problem<'a>(
     let why = if !f.ready {
         Some("forecast warming up".to_string())
     } else if obs.window_start - f.made_at_ms > stale_ms {
-        // Age at the window's start: a decision uses the forecast made by then, so one made
-        // exactly then is as fresh as forecasts get, whatever the window's length.
+        // Age at the window's start: a decision uses the forecast made at the window's end,
+        // or the previous window's when this one's has not come; both count as fresh,
+        // whatever the window's length.
         Some(format!(
             "forecast stale ({} s old)",
             (obs.window_start - f.made_at_ms) / 1000

@@ -2,10 +2,13 @@
 //! restart commands out, each with its policy, evidence and reason.
 //!
 //! Decisions are driven by event time, not by arrival: a service is decided once per
-//! window, when its aggregates for the window are in, from the latest forecast made by the
-//! window's start and the anomalies of windows that ended by then. Forecasts and anomalies
-//! come from the models stage, which runs on earlier windows, so they are there in time; the
-//! same inputs give the same commands however the three topics interleave.
+//! window, when its aggregates for the window are in and, when the models stage forecasts at
+//! the window's end, that forecast too (a join on the window's end, as a stream-table join
+//! would wait for its table side). The forecast used is the latest made by the window's end,
+//! so a decision sees the load of the window it decides on; anomalies are those of windows
+//! that ended by the window's start. A forecast that never comes (models down or lagging a
+//! whole window) does not hold the decision: the service's next window decides it with the
+//! forecast there is, and the staleness rule judges that one.
 //!
 //! State (per service: policy history, recent forecasts and anomalies, the open window) is
 //! written to a compacted state topic at each flush, inside the same Kafka transaction as
@@ -181,6 +184,9 @@ pub struct DecideStage {
     counts: DecideCounts,
     /// The `commands` SQL table, when the SQL engine runs in this process.
     store: Option<std::sync::Arc<crate::sql::store::WindowStore>>,
+    /// The models stage's forecast step, ms: a window whose end passes a step's end gets a
+    /// forecast made at its end, which its decision waits for.
+    forecast_step_ms: Option<i64>,
 }
 
 fn parse_ms(text: &str) -> Option<i64> {
@@ -215,7 +221,34 @@ impl DecideStage {
             dirty: BTreeSet::new(),
             counts: DecideCounts::default(),
             store: None,
+            forecast_step_ms: None,
         }
+    }
+
+    /// Decisions wait for the forecast the models stage makes every `step` (its
+    /// `forecast_step`) at the end of the window being decided.
+    pub fn expecting_forecasts_every(mut self, step: std::time::Duration) -> Self {
+        self.forecast_step_ms = i64::try_from(step.as_millis()).ok().filter(|s| *s > 0);
+        self
+    }
+
+    /// Whether `open` has what its decision needs: the load, the utilization if one is
+    /// configured, every health metric, and the forecast made at its end when one is due.
+    fn complete(&self, state: &ServiceState) -> bool {
+        let Some(open) = &state.open else {
+            return false;
+        };
+        let forecast_due = match self.forecast_step_ms {
+            // Only once the service's forecaster speaks at all (it is silent at first).
+            Some(step) if !state.forecasts.is_empty() => {
+                open.end.div_euclid(step) > open.start.div_euclid(step)
+            }
+            _ => false,
+        };
+        open.load.is_some()
+            && (self.utilization.is_none() || open.utilization.is_some())
+            && open.health.len() >= self.cfg.restart.metrics.len()
+            && (!forecast_due || state.forecasts.iter().any(|f| f.made_at_ms == open.end))
     }
 
     /// Also keeps every command in `store` (the `commands` table) for SQL.
@@ -238,7 +271,7 @@ impl DecideStage {
         state
     }
 
-    fn on_forecast(&mut self, e: ForecastEvent, partition: i32) {
+    fn on_forecast(&mut self, e: ForecastEvent, partition: i32, out: &mut Emitter) {
         if e.signal != self.load.name {
             return;
         }
@@ -261,7 +294,16 @@ impl DecideStage {
         while state.forecasts.len() > FORECASTS_KEPT {
             state.forecasts.pop_front();
         }
-        self.dirty.insert(service);
+        let completes = state.open.as_ref().is_some_and(|o| o.end == made_at_ms);
+        self.dirty.insert(service.clone());
+        if completes
+            && self
+                .services
+                .get(&service)
+                .is_some_and(|s| self.complete(s))
+        {
+            self.decide(&service, out);
+        }
     }
 
     fn on_anomaly(&mut self, e: AnomalyEvent, partition: i32) {
@@ -299,7 +341,6 @@ impl DecideStage {
             return;
         }
         let service = a.service.clone();
-        let needs_utilization = self.utilization.is_some();
         if open_end.is_some_and(|e| a.window_end > e) {
             self.decide(&service, out);
         }
@@ -323,11 +364,12 @@ impl DecideStage {
             open.health
                 .push((a.metric.clone(), a.top_instance.clone(), a.max, a.p50));
         }
-        let complete = open.load.is_some()
-            && (!needs_utilization || open.utilization.is_some())
-            && open.health.len() >= self.cfg.restart.metrics.len();
         self.dirty.insert(service.clone());
-        if complete {
+        if self
+            .services
+            .get(&service)
+            .is_some_and(|s| self.complete(s))
+        {
             self.decide(&service, out);
         }
     }
@@ -359,8 +401,10 @@ impl DecideStage {
                 .forecasts
                 .iter()
                 .rev()
-                .find(|f| f.made_at_ms <= open.start)
-                .and_then(|f| f.view(open.end, startup_ms)),
+                .find(|f| f.made_at_ms <= open.end)
+                // Replicas asked for now serve after the start-up and must carry the load
+                // until the next window's decision serves: plan that far ahead.
+                .and_then(|f| f.view(open.end, startup_ms.saturating_add(open.end - open.start))),
             anomaly_open: !anomaly_scores.is_empty(),
         };
         let decided_at = ms_to_rfc3339(open.end);
@@ -492,7 +536,7 @@ impl Stage for DecideStage {
             }
         } else if topic == self.inputs.forecasts {
             match serde_json::from_slice::<ForecastEvent>(payload) {
-                Ok(e) => self.on_forecast(e, partition),
+                Ok(e) => self.on_forecast(e, partition, out),
                 Err(e) => out.dead_letter(input, "malformed", format!("forecast: {e}")),
             }
         } else if topic == self.inputs.anomalies {

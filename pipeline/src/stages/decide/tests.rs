@@ -119,11 +119,15 @@ struct Pipeline {
 
 impl Pipeline {
     fn new(cfg: DecideConfig, with_models: bool) -> Self {
-        let models =
-            with_models.then(|| ModelsStage::new(ModelsConfig::default(), AvroCodec::default()));
+        let models_cfg = ModelsConfig::default();
+        let mut decide = decide_stage(cfg);
+        if with_models {
+            decide = decide.expecting_forecasts_every(models_cfg.forecast_step);
+        }
+        let models = with_models.then(|| ModelsStage::new(models_cfg, AvroCodec::default()));
         Self {
             models,
-            decide: decide_stage(cfg),
+            decide,
             offset: 0,
         }
     }
@@ -151,11 +155,15 @@ impl Pipeline {
                     crate::stages::models::ANOMALIES => "anomalies",
                     _ => continue,
                 };
-                let out = feed(&mut self.decide, topic, self.offset, &o.payload);
-                assert!(
-                    out.is_empty(),
-                    "forecasts and anomalies alone decide nothing"
-                );
+                // The forecast made at the window's end completes the window's decision.
+                for o in feed(&mut self.decide, topic, self.offset, &o.payload) {
+                    if o.output == COMMANDS {
+                        commands.push(
+                            serde_json::from_slice(&o.payload)
+                                .unwrap_or_else(|e| panic!("command does not parse: {e}")),
+                        );
+                    }
+                }
             }
         }
         commands
@@ -222,6 +230,40 @@ fn a_load_ramp_scales_up_before_the_reactive_rule_would() {
     );
     assert!(ebb.replicas > Some(4), "{}", ebb.reason);
     assert!(ebb.reason.contains("forecast"), "{}", ebb.reason);
+}
+
+#[test]
+fn a_decision_waits_for_and_uses_the_forecast_made_at_its_windows_end() {
+    let mut p = Pipeline::new(DecideConfig::default(), true);
+    let mut decided_with: Vec<(i64, Option<i64>)> = Vec::new();
+    for m in 0..240 {
+        // A steady climb: every window is decided, by scaling or not.
+        let load = 200.0 + 2.0 * m as f64;
+        let w = Window {
+            start: T0 + m * MINUTE,
+            size: MINUTE,
+            load,
+            cpu: load / 4.0,
+            instances: 4,
+            errors: (None, 1.0),
+        };
+        for c in p.window("api", &w) {
+            if c.action == "scale" {
+                let end = w.start + w.size;
+                decided_with.push((end, c.evidence.forecast.map(|f| f.made_at_ms)));
+            }
+        }
+    }
+    let with_forecast: Vec<&(i64, Option<i64>)> =
+        decided_with.iter().filter(|(_, f)| f.is_some()).collect();
+    assert!(!with_forecast.is_empty(), "{decided_with:?}");
+    for (end, made_at) in with_forecast {
+        assert_eq!(
+            *made_at,
+            Some(*end),
+            "decided at {end} with an older forecast"
+        );
+    }
 }
 
 fn obs(end: i64, load: f64, replicas: u32, forecast: Option<f64>) -> Observation {
@@ -594,7 +636,8 @@ fn restored_state_continues_exactly_where_it_left_off() {
                     .map(|o| (o.key, o.payload))
                     .collect();
                 assert!(!records.is_empty());
-                let mut fresh = decide_stage(DecideConfig::default());
+                let mut fresh = decide_stage(DecideConfig::default())
+                    .expecting_forecasts_every(ModelsConfig::default().forecast_step);
                 fresh.restore_state(0, &records);
                 p.decide = fresh;
             }
