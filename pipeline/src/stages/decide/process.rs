@@ -37,7 +37,7 @@ pub const COMMANDS: &str = "commands";
 pub const STATE: &str = "state";
 /// Version of the snapshot layout; a snapshot of another layout is not restored.
 pub const SNAPSHOT_LAYOUT: u32 = 1;
-/// Forecasts kept per service (the decision uses the latest made by a window's start).
+/// Forecasts kept per service (the decision uses the latest made by its window's end).
 const FORECASTS_KEPT: usize = 8;
 
 /// Every reason the decide stage dead-letters a record: an aggregate's decode reasons (a
