@@ -127,6 +127,10 @@ enum Command {
         /// Folder for the report (or, for --topic, the outputs) and the config used.
         #[arg(long, value_name = "DIR")]
         report: PathBuf,
+        /// With --topic: also write the outputs to topics named PREFIX + their usual names
+        /// (created if missing), never to the live ones.
+        #[arg(long, value_name = "PREFIX", requires = "topic")]
+        to_topics: Option<String>,
         /// Print the report (or the topic replay's summary) as JSON on the last line.
         #[arg(long)]
         json: bool,
@@ -468,6 +472,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             time_column,
             value_column,
             report,
+            to_topics,
             json,
         } => {
             let config_toml = match cli
@@ -498,7 +503,12 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     from: bound(from, from_offset, "from")?,
                     until: bound(until, until_offset, "until")?,
                 };
-                return replay_topic(config, config_toml, range, report, json).await;
+                if to_topics.as_deref().is_some_and(str::is_empty) {
+                    bail!(
+                        "--to-topics needs a non-empty prefix: replay never writes to live topics"
+                    );
+                }
+                return replay_topic(config, config_toml, range, report, to_topics, json).await;
             }
             let Some(file) = file else {
                 bail!("ebb replay needs --file or --topic");
@@ -1223,6 +1233,7 @@ async fn replay_topic(
     config_toml: String,
     range: ebb::replay::topic::TopicRange,
     dir: PathBuf,
+    to_topics: Option<String>,
     json: bool,
 ) -> Result<()> {
     if config.filter.anonymize.key.is_none() {
@@ -1246,6 +1257,7 @@ async fn replay_topic(
             &key,
             &range,
             &out,
+            to_topics.as_deref(),
             handle,
             &mut |done, total, now| {
                 progress_bar.set_length(total);

@@ -162,6 +162,25 @@ fn percentile(values: &[f64], q: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
+/// What the window ending at `t_ms` shows the scale rule of a simulated service.
+fn observation(
+    t_ms: i64,
+    window_ms: i64,
+    load: f64,
+    cluster: &Cluster,
+    forecast: Option<policy::ForecastView>,
+) -> Observation {
+    Observation {
+        window_start: t_ms - window_ms,
+        window_end: t_ms,
+        load: Some(load),
+        replicas: cluster.ready().max(1),
+        utilization: None,
+        forecast,
+        anomaly_open: false,
+    }
+}
+
 /// ebb's policy: the models' forecaster and decide's scale rule, one window at a time.
 struct Ebb {
     forecaster: Forecaster,
@@ -186,19 +205,12 @@ impl Policy for Ebb {
                 &predictions,
             ));
         }
-        let obs = Observation {
-            window_start: t_ms - self.window_ms,
-            window_end: t_ms,
-            load: Some(load),
-            replicas: cluster.ready().max(1),
-            utilization: None,
-            // As decide: far enough ahead to reach the next decision's replicas serving.
-            forecast: self
-                .last
-                .as_ref()
-                .and_then(|f| f.view(t_ms, startup_ms + self.window_ms)),
-            anomaly_open: false,
-        };
+        // As decide: far enough ahead to reach the next decision's replicas serving.
+        let forecast = self
+            .last
+            .as_ref()
+            .and_then(|f| f.view(t_ms, startup_ms + self.window_ms));
+        let obs = observation(t_ms, self.window_ms, load, cluster, forecast);
         policy::scale(&mut self.state, &self.scale, &self.limits, &obs).map(|d| d.target)
     }
 }
@@ -213,15 +225,7 @@ struct Hpa {
 
 impl Policy for Hpa {
     fn decide(&mut self, _: usize, t_ms: i64, load: f64, cluster: &Cluster) -> Option<u32> {
-        let obs = Observation {
-            window_start: t_ms - self.window_ms,
-            window_end: t_ms,
-            load: Some(load),
-            replicas: cluster.ready().max(1),
-            utilization: None,
-            forecast: None,
-            anomaly_open: false,
-        };
+        let obs = observation(t_ms, self.window_ms, load, cluster, None);
         policy::scale(&mut self.state, &self.scale, &self.limits, &obs).map(|d| d.target)
     }
 }

@@ -49,6 +49,13 @@ fn replaying_a_demo_runs_raw_topic_reproduces_its_commands_on_the_mock_cluster()
     assert!(live.iter().any(|c| c["action"] == "scale"), "{live:#?}");
     assert!(live.iter().any(|c| c["action"] == "restart"), "{live:#?}");
 
+    // The run-prefix topics, as `ebb topics apply` would make them (the mock cluster has no
+    // admin API for it).
+    let mut prefixed = config.clone();
+    prefixed.topics.prefix = "replayed.".into();
+    for spec in ebb::topics::declared(&prefixed).unwrap() {
+        mock.create_topic(&spec.name, spec.partitions, 1).unwrap();
+    }
     let dir = std::env::temp_dir().join(format!("ebb-replay-topic-{}", rand::random::<u32>()));
     let range = TopicRange {
         topic: config.topics.name(&config.topics.raw),
@@ -62,6 +69,7 @@ fn replaying_a_demo_runs_raw_topic_reproduces_its_commands_on_the_mock_cluster()
         &key,
         &range,
         &dir,
+        Some("replayed."),
         rt.handle().clone(),
         &mut |_, _, _| {},
     )
@@ -70,4 +78,26 @@ fn replaying_a_demo_runs_raw_topic_reproduces_its_commands_on_the_mock_cluster()
     let replayed = common::replayed_commands(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     common::assert_replay_reproduces(&live, &replayed);
+    // The same commands on the run-prefix topic; the live topic got none from the replay.
+    let on_topic = common::commands_of(&common::read_until_quiet(
+        &config,
+        &[&format!("replayed.{commands_topic}")],
+        replayed.len(),
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    ));
+    // Kafka orders a service's commands, not the topic's: compare service by service.
+    let by_service = |mut cs: Vec<serde_json::Value>| {
+        cs.sort_by_key(|c| c["service"].as_str().unwrap_or_default().to_string());
+        cs
+    };
+    assert_eq!(by_service(on_topic), by_service(replayed.clone()));
+    let live_after = common::commands_of(&common::read_until_quiet(
+        &config,
+        &[&commands_topic],
+        live.len(),
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    ));
+    assert_eq!(live_after.len(), live.len());
 }

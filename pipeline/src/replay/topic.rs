@@ -11,6 +11,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
+use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
@@ -49,6 +50,9 @@ pub enum TopicError {
     /// The topic is not on the cluster.
     #[error("topic {0} does not exist on the cluster")]
     Missing(String),
+    /// Outputs written to topics were not all acknowledged.
+    #[error("{0} replay outputs were not delivered to their topics")]
+    Lost(u64),
 }
 
 /// A partition's slice of the range.
@@ -376,6 +380,9 @@ pub enum TopicReplayError {
     /// The outputs could not be written.
     #[error("{0}: {1}")]
     Write(std::path::PathBuf, std::io::Error),
+    /// The run-prefix topics could not be made.
+    #[error(transparent)]
+    Topics(crate::topics::TopicsError),
     /// Avro records need the registry, which could not be used.
     #[error("schema registry: {0}")]
     Registry(#[from] crate::codec::registry::RegistryError),
@@ -428,15 +435,18 @@ impl AvroInput {
 }
 
 /// Replays `range` through the whole pipeline into `dir`: `<role>.jsonl` per output,
-/// `dead-letters.jsonl`, `summary.json` and the config used (`ebb.toml`). `progress` hears
-/// (records done, offsets in the range, simulated time) every so often. Avro records are
-/// read through the registry of `config`, on `handle`.
+/// `dead-letters.jsonl`, `summary.json` and the config used (`ebb.toml`); with `to_topics`,
+/// also to the topics of that run prefix. `progress` hears (records done, offsets in the
+/// range, simulated time) every so often. Avro records are read through the registry of
+/// `config`, on `handle`.
+#[allow(clippy::too_many_arguments)]
 pub fn replay_topic(
     config: &Config,
     config_toml: &str,
     anon_key: &[u8],
     range: &TopicRange,
     dir: &std::path::Path,
+    to_topics: Option<&str>,
     handle: tokio::runtime::Handle,
     progress: &mut dyn FnMut(u64, u64, Option<i64>),
 ) -> Result<TopicSummary, TopicReplayError> {
@@ -455,10 +465,14 @@ pub fn replay_topic(
     let mut avro = crate::wiring::registry(config)?.map(|registry| AvroInput {
         registry,
         cache: schemas.clone(),
-        handle,
+        handle: handle.clone(),
         registered: false,
     });
-    let mut sink = FileSink::new(dir);
+    let mut files = FileSink::new(dir);
+    let mut topics = to_topics
+        .map(|prefix| TopicSink::create(config, prefix, &handle))
+        .transpose()?;
+    let mut sink = Both(&mut files, topics.as_mut());
     let mut chain: Option<super::chain::Chain> = None;
     let mut done = 0u64;
     for record in source {
@@ -488,7 +502,10 @@ pub fn replay_topic(
         }
         None => super::chain::ChainCounts::default(),
     };
-    sink.close().map_err(write_err(dir.to_path_buf()))?;
+    files.close().map_err(write_err(dir.to_path_buf()))?;
+    if let Some(t) = topics {
+        t.close()?;
+    }
     let summary = TopicSummary {
         topic: range.topic.clone(),
         partitions,
@@ -504,4 +521,200 @@ pub fn replay_topic(
     let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
     std::fs::write(&path, text + "\n").map_err(write_err(path.clone()))?;
     Ok(summary)
+}
+
+/// Counts the deliveries that failed, so a replay to topics says when it lost something.
+#[derive(Default)]
+struct Failures(std::sync::atomic::AtomicU64);
+
+impl rdkafka::ClientContext for Failures {}
+
+impl rdkafka::producer::ProducerContext for Failures {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, (): ()) {
+        if result.is_err() {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Writes the chain's outputs to the topics of a run prefix (`<prefix><topic>`), never to
+/// the live ones: a replay's commands can then feed a dry-run actuator or a dashboard.
+pub struct TopicSink {
+    producer: rdkafka::producer::BaseProducer<Failures>,
+    names: std::collections::BTreeMap<&'static str, String>,
+    dead_letter: String,
+}
+
+impl std::fmt::Debug for TopicSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TopicSink")
+            .field("names", &self.names)
+            .finish()
+    }
+}
+
+impl TopicSink {
+    /// Creates (or brings in line) every topic under `prefix` on the cluster of `config`,
+    /// and a producer for them.
+    pub fn create(
+        config: &Config,
+        prefix: &str,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<Self, TopicReplayError> {
+        let mut run = config.clone();
+        run.topics.prefix = format!("{prefix}{}", config.topics.prefix);
+        let mut pc = client_config(&run.kafka);
+        set_default(&mut pc, "linger.ms", "5");
+        let producer: rdkafka::producer::BaseProducer<Failures> = pc
+            .create_with_context(Failures::default())
+            .map_err(TopicError::Kafka)?;
+        let metadata = producer
+            .client()
+            .fetch_metadata(None, METADATA_TIMEOUT)
+            .map_err(TopicError::Kafka)?;
+        let existing: std::collections::BTreeSet<&str> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none())
+            .map(|t| t.name())
+            .collect();
+        let missing: Vec<_> = crate::topics::declared(&run)
+            .map_err(TopicReplayError::Topics)?
+            .into_iter()
+            .filter(|spec| !existing.contains(spec.name.as_str()))
+            .collect();
+        if !missing.is_empty() {
+            handle
+                .block_on(crate::topics::apply(&run.kafka, &missing, false))
+                .map_err(TopicReplayError::Topics)?;
+        }
+        let t = &run.topics;
+        let names = [
+            ("aggregates", t.name(&t.aggregates)),
+            ("late", t.name(&t.late)),
+            ("anomalies", t.name(&t.anomalies)),
+            ("forecasts", t.name(&t.forecasts)),
+            ("commands", t.name(&t.commands)),
+        ]
+        .into_iter()
+        .collect();
+        Ok(Self {
+            producer,
+            names,
+            dead_letter: t.name(&t.dead_letter),
+        })
+    }
+
+    fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: &[(String, Vec<u8>)],
+    ) {
+        let mut hs = rdkafka::message::OwnedHeaders::new();
+        for (k, v) in headers {
+            hs = hs.insert(rdkafka::message::Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let mut record: rdkafka::producer::BaseRecord<'_, [u8], [u8], ()> =
+            rdkafka::producer::BaseRecord::with_opaque_to(topic, ()).headers(hs);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return,
+                Err((e, back)) => {
+                    if !matches!(
+                        e,
+                        KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                    ) {
+                        warn!(topic, error = %e, "replay output not sent");
+                        self.producer
+                            .context()
+                            .0
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                    record = back;
+                    self.producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    /// Waits for every output to be acknowledged; an error if any was lost.
+    pub fn close(self) -> Result<(), TopicError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.producer.in_flight_count() > 0 && std::time::Instant::now() < deadline {
+            self.producer.poll(Duration::from_millis(10));
+        }
+        let failed = self
+            .producer
+            .context()
+            .0
+            .load(std::sync::atomic::Ordering::Relaxed)
+            + u64::try_from(self.producer.in_flight_count()).unwrap_or(0);
+        if failed > 0 {
+            return Err(TopicError::Lost(failed));
+        }
+        Ok(())
+    }
+}
+
+impl super::chain::Sink for TopicSink {
+    fn output(&mut self, role: &'static str, output: &crate::stage::Output) {
+        let Some(topic) = self.names.get(role) else {
+            return;
+        };
+        self.send(
+            topic,
+            Some(&output.key),
+            Some(&output.payload),
+            &output.headers,
+        );
+        self.producer.poll(Duration::ZERO);
+    }
+
+    fn dead_letter(&mut self, stage: &'static str, dead: &crate::stage::DeadLetter) {
+        let mut headers = dead.headers.clone();
+        headers.push(("ebb.stage".into(), stage.as_bytes().to_vec()));
+        headers.push(("ebb.reason".into(), dead.reason.as_bytes().to_vec()));
+        headers.push(("ebb.detail".into(), dead.detail.as_bytes().to_vec()));
+        headers.push(("ebb.source".into(), dead.source.to_string().into_bytes()));
+        let topic = self.dead_letter.clone();
+        self.send(
+            &topic,
+            dead.key.as_deref(),
+            dead.payload.as_deref(),
+            &headers,
+        );
+    }
+}
+
+/// Both sinks at once.
+struct Both<'a>(&'a mut FileSink, Option<&'a mut TopicSink>);
+
+impl super::chain::Sink for Both<'_> {
+    fn output(&mut self, role: &'static str, output: &crate::stage::Output) {
+        self.0.output(role, output);
+        if let Some(t) = self.1.as_mut() {
+            t.output(role, output);
+        }
+    }
+
+    fn dead_letter(&mut self, stage: &'static str, dead: &crate::stage::DeadLetter) {
+        self.0.dead_letter(stage, dead);
+        if let Some(t) = self.1.as_mut() {
+            t.dead_letter(stage, dead);
+        }
+    }
 }
