@@ -1292,6 +1292,33 @@ async fn replay_topic(
         "commands {:?}, outputs {:?}, dead letters {:?}",
         summary.counts.commands, summary.counts.outputs, summary.counts.dead_letters
     )?;
+    if !summary.policies.is_empty() {
+        writeln!(
+            stdout,
+            "{:<24} {:>22} {:>22}   (on each service's recorded load)",
+            "service", "SLA-violation min", "replica-min"
+        )?;
+        writeln!(
+            stdout,
+            "{:<24} {:>7} {:>7} {:>6} {:>8} {:>8} {:>6}",
+            "", "ebb", "hpa", "oracle", "ebb", "hpa", "oracle"
+        )?;
+        for (service, p) in &summary.policies {
+            let get = |name: &str| p.get(name).cloned().unwrap_or_default();
+            let (e, h, o) = (get("ebb"), get("hpa"), get("oracle"));
+            writeln!(
+                stdout,
+                "{:<24} {:>7.1} {:>7.1} {:>6.1} {:>8.0} {:>8.0} {:>6.0}",
+                service,
+                e.sla_violation_minutes,
+                h.sla_violation_minutes,
+                o.sla_violation_minutes,
+                e.replica_minutes,
+                h.replica_minutes,
+                o.replica_minutes
+            )?;
+        }
+    }
     if json {
         writeln!(stdout, "{}", serde_json::to_string(&summary)?)?;
     }

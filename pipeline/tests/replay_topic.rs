@@ -75,6 +75,16 @@ fn replaying_a_demo_runs_raw_topic_reproduces_its_commands_on_the_mock_cluster()
     )
     .unwrap();
     assert_eq!(summary.counts.records, report.produced);
+    // Every service's recorded load went through the policy comparison too.
+    for service in ["checkout", "search"] {
+        let p = summary.policies.get(service);
+        assert!(
+            p.is_some_and(|p| ["ebb", "hpa", "static", "oracle"]
+                .iter()
+                .all(|n| p.contains_key(*n))),
+            "{service}: {p:?}"
+        );
+    }
     let replayed = common::replayed_commands(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     common::assert_replay_reproduces(&live, &replayed);

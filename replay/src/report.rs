@@ -45,7 +45,7 @@ fn round(x: f64, decimals: i32) -> f64 {
 }
 
 /// One policy's figures.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct PolicyResult {
     /// Minutes whose simulated p95 latency broke the SLO.
     pub sla_violation_minutes: f64,

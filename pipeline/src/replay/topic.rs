@@ -366,6 +366,45 @@ pub struct TopicSummary {
     pub until: Option<String>,
     /// Everything that went through the stages.
     pub counts: super::chain::ChainCounts,
+    /// Per service, on its recorded load: ebb's policy, the HPA baseline, static
+    /// provisioning and the oracle on the cluster simulator (as `ebb replay --file`).
+    pub policies: std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<String, ebb_replay::PolicyResult>,
+    >,
+}
+
+/// Each service's recorded load through the policy comparison of `ebb replay --file`.
+fn compare_policies(
+    config: &Config,
+    loads: &Loads,
+) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, ebb_replay::PolicyResult>>
+{
+    loads
+        .by_service
+        .iter()
+        .filter(|(_, windows)| windows.len() >= 2)
+        .map(|(service, windows)| {
+            let series = crate::eval::series::Series {
+                times: windows.iter().map(|w| w.0).collect(),
+                values: windows.iter().map(|w| w.1).collect(),
+                raw_times: Vec::new(),
+                raw_values: Vec::new(),
+            };
+            let input = ebb_replay::report::InputInfo {
+                file: service.clone(),
+                time_column: "window_start".into(),
+                value_column: loads.spec.name.clone(),
+                rows: series.times.len(),
+                step_seconds: series.step_ms() as f64 / 1000.0,
+                from: String::new(),
+                until: String::new(),
+                minutes: 0.0,
+            };
+            let outcome = super::replay_series(config, &series, input, "ebb.toml", &[]);
+            (service.clone(), outcome.report.policies)
+        })
+        .collect()
 }
 
 /// Why a topic replay failed.
@@ -472,7 +511,8 @@ pub fn replay_topic(
     let mut topics = to_topics
         .map(|prefix| TopicSink::create(config, prefix, &handle))
         .transpose()?;
-    let mut sink = Both(&mut files, topics.as_mut());
+    let mut loads = Loads::new(config);
+    let mut sink = Both(&mut files, topics.as_mut(), &mut loads);
     let mut chain: Option<super::chain::Chain> = None;
     let mut done = 0u64;
     for record in source {
@@ -506,9 +546,11 @@ pub fn replay_topic(
     if let Some(t) = topics {
         t.close()?;
     }
+    let policies = compare_policies(config, &loads);
     let summary = TopicSummary {
         topic: range.topic.clone(),
         partitions,
+        policies,
         from: counts
             .first_ms
             .map(crate::stages::window::aggregate::ms_to_rfc3339),
@@ -700,11 +742,60 @@ impl super::chain::Sink for TopicSink {
     }
 }
 
-/// Both sinks at once.
-struct Both<'a>(&'a mut FileSink, Option<&'a mut TopicSink>);
+/// Each service's load per window (decide's load signal), from the aggregates, for the
+/// policy comparison.
+struct Loads {
+    spec: crate::stages::models::config::SignalSpec,
+    by_service: std::collections::BTreeMap<String, Vec<(i64, f64)>>,
+}
+
+impl Loads {
+    fn new(config: &Config) -> Self {
+        let name = &config.decide.load_signal;
+        let spec = config
+            .models
+            .signals
+            .iter()
+            .find(|s| &s.name == name)
+            .cloned()
+            .unwrap_or_else(|| crate::stages::models::config::SignalSpec {
+                name: name.clone(),
+                metric: name.clone(),
+                statistic: crate::stages::models::config::Statistic::Total,
+            });
+        Self {
+            spec,
+            by_service: std::collections::BTreeMap::new(),
+        }
+    }
+
+    fn aggregate(&mut self, payload: &[u8]) {
+        let Ok((_, a)) =
+            crate::codec::decode_aggregate(payload, &crate::codec::AvroCodec::default())
+        else {
+            return;
+        };
+        if !self.spec.matches(&a.metric) {
+            return;
+        }
+        let v = self.spec.statistic.of(&a);
+        if v.is_finite() {
+            self.by_service
+                .entry(a.service)
+                .or_default()
+                .push((a.window_start, v));
+        }
+    }
+}
+
+/// Both sinks at once, and the loads.
+struct Both<'a>(&'a mut FileSink, Option<&'a mut TopicSink>, &'a mut Loads);
 
 impl super::chain::Sink for Both<'_> {
     fn output(&mut self, role: &'static str, output: &crate::stage::Output) {
+        if role == "aggregates" {
+            self.2.aggregate(&output.payload);
+        }
         self.0.output(role, output);
         if let Some(t) = self.1.as_mut() {
             t.output(role, output);
