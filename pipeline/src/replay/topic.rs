@@ -184,9 +184,11 @@ impl TopicSource {
 
     /// Fetches until every partition not yet finished has a record waiting.
     fn fill(&mut self) {
+        let mut quiet_since = std::time::Instant::now();
         while (0..self.ranges.len()).any(|i| self.buffers[i].is_empty() && !self.done(i)) {
             match self.consumer.poll(self.timeout) {
                 Some(Ok(m)) => {
+                    quiet_since = std::time::Instant::now();
                     let Some(i) = self
                         .ranges
                         .iter()
@@ -222,6 +224,11 @@ impl TopicSource {
                     std::thread::sleep(Duration::from_millis(500));
                 }
                 None => {
+                    if quiet_since.elapsed() > Duration::from_secs(30) {
+                        // Waited out, not given up on: the range is still there to read.
+                        warn!("no records from the replayed topic for 30 s; still waiting");
+                        quiet_since = std::time::Instant::now();
+                    }
                     // The end offsets were read at the start; transaction markers and
                     // aborted records fill the gap to them without ever arriving.
                     for i in 0..self.ranges.len() {
