@@ -3,18 +3,12 @@
 
 mod common;
 
+use common::ebb;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Target;
-
-fn ebb() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ebb"));
-    c.env_remove("EBB_CONFIG")
-        .env_remove("EBB_TOPIC_PREFIX")
-        .env("RUST_LOG", "warn");
-    c
-}
 
 /// The contract run: a minute of demo shows the ramp scaled up and the faulty instance
 /// restarted, and accounts for every record.

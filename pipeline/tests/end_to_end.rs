@@ -5,18 +5,12 @@
 
 mod common;
 
+use common::ebb;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Target;
-
-fn ebb() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ebb"));
-    c.env_remove("EBB_CONFIG")
-        .env_remove("EBB_TOPIC_PREFIX")
-        .env("RUST_LOG", "warn");
-    c
-}
 
 /// The demo's minute-scale settings, for `ebb run all` on a real broker; `{id}` keeps this
 /// run's consumer groups and transactional id apart from any other.

@@ -419,3 +419,12 @@ pub fn assert_replay_reproduces(live: &[serde_json::Value], replayed: &[serde_js
         }
     }
 }
+
+/// The `ebb` binary, free of the caller's config and prefix, logging warnings only.
+pub fn ebb() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ebb"));
+    c.env_remove("EBB_CONFIG")
+        .env_remove("EBB_TOPIC_PREFIX")
+        .env("RUST_LOG", "warn");
+    c
+}
