@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord};
 use serde::Serialize;
 
 use crate::clock::SystemClock;
@@ -170,12 +170,8 @@ pub fn run(services: usize, windows: usize, pause: Duration) -> Result<DecideFig
                 producer.poll(Duration::from_millis(1));
             }
         }
-        // rust-rdkafka's flush naps 100 ms between polls, which would delay reading the
-        // commands, not making them: poll briefly instead.
-        let flushed_by = Instant::now() + Duration::from_secs(10);
-        while producer.in_flight_count() > 0 && Instant::now() < flushed_by {
-            producer.poll(Duration::from_millis(1));
-        }
+        // Not flush: its 100 ms naps would delay reading the commands, not making them.
+        runner::settle(&producer, Duration::from_secs(10));
         // Each window's commands are awaited before the next window closes: a steady state,
         // not a backlog. The first window waits for the stage to join its group as well.
         let window_end = start + 10_000;

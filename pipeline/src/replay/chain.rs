@@ -167,15 +167,17 @@ impl Chain {
         self.now = Some(t);
         self.counts.first_ms.get_or_insert(ms);
         self.counts.last_ms = Some(ms);
+        // What stages emit on time carries its partition in nothing but the service key, which
+        // is what every later stage keys its state by; partition 0 stands in.
         let mut e = Emitter::new();
         self.filter.on_time(t, &mut e);
-        self.deliver_filter(e, sink);
+        self.deliver_filter(e, 0, sink);
         let mut e = Emitter::new();
         self.window.on_time(t, &mut e);
-        self.deliver_window(e, sink);
+        self.deliver_window(e, 0, sink);
         let mut e = Emitter::new();
         self.models.on_time(t, &mut e);
-        self.deliver_models(e, sink);
+        self.deliver_models(e, 0, sink);
         let mut e = Emitter::new();
         self.decide.on_time(t, &mut e);
         self.deliver_decide(e, sink);
@@ -203,7 +205,7 @@ impl Chain {
         };
         let mut e = Emitter::new();
         self.filter.process(&input, &mut e);
-        self.deliver_filter_at(e, record.partition, sink);
+        self.deliver_filter(e, record.partition, sink);
     }
 
     /// The end of the input: every open window closes (a bounded replay decides every
@@ -211,14 +213,7 @@ impl Chain {
     pub fn finish(&mut self, sink: &mut dyn Sink) {
         let mut e = Emitter::new();
         self.window.flush(&mut e);
-        self.deliver_window(e, sink);
-    }
-
-    fn next_offset(&mut self, role: &'static str, partition: i32) -> i64 {
-        let o = self.offsets.entry((role, partition)).or_insert(0);
-        let at = *o;
-        *o += 1;
-        at
+        self.deliver_window(e, 0, sink);
     }
 
     fn dead_letters(&mut self, stage: &'static str, dead: Vec<DeadLetter>, sink: &mut dyn Sink) {
@@ -237,57 +232,56 @@ impl Chain {
         sink.output(role, output);
     }
 
-    fn deliver_filter(&mut self, e: Emitter, sink: &mut dyn Sink) {
-        // The filter emits nothing on time; kept so a future timer cannot be lost.
-        self.deliver_filter_at(e, 0, sink);
+    /// Emits `output` under `role` and gives its place on the stage-to-stage `topic` for the
+    /// next stage: offsets increase per (role, partition), as on a real topic.
+    fn pass(
+        &mut self,
+        role: &'static str,
+        topic: String,
+        output: &Output,
+        partition: i32,
+        sink: &mut dyn Sink,
+    ) -> Source {
+        self.emitted(role, output, sink);
+        let next = self.offsets.entry((role, partition)).or_insert(0);
+        let offset = *next;
+        *next += 1;
+        Source {
+            topic,
+            partition,
+            offset,
+        }
     }
 
-    fn deliver_filter_at(&mut self, mut e: Emitter, partition: i32, sink: &mut dyn Sink) {
+    fn deliver_filter(&mut self, mut e: Emitter, partition: i32, sink: &mut dyn Sink) {
         let (outputs, dead) = e.drain();
         self.dead_letters("filter", dead, sink);
         for o in outputs {
             if o.output != CLEAN {
                 continue;
             }
-            self.emitted(CLEAN, &o, sink);
-            let offset = self.next_offset(CLEAN, partition);
-            let source = Source {
-                topic: self.topics.clean.clone(),
-                partition,
-                offset,
-            };
+            let source = self.pass(CLEAN, self.topics.clean.clone(), &o, partition, sink);
             let mut w = Emitter::new();
             self.window.process(&as_input(&o, source), &mut w);
-            self.deliver_window_at(w, partition, sink);
+            self.deliver_window(w, partition, sink);
         }
     }
 
-    fn deliver_window(&mut self, e: Emitter, sink: &mut dyn Sink) {
-        // Windows closed by time carry their partition in nothing but the service key, which
-        // is what models and decide key their state by; partition 0 stands in.
-        self.deliver_window_at(e, 0, sink);
-    }
-
-    fn deliver_window_at(&mut self, mut e: Emitter, partition: i32, sink: &mut dyn Sink) {
+    fn deliver_window(&mut self, mut e: Emitter, partition: i32, sink: &mut dyn Sink) {
         let (outputs, dead) = e.drain();
         self.dead_letters("window", dead, sink);
         for o in outputs {
             match o.output {
                 AGGREGATES => {
-                    self.emitted(AGGREGATES, &o, sink);
-                    let offset = self.next_offset(AGGREGATES, partition);
-                    let source = Source {
-                        topic: self.topics.aggregates.clone(),
-                        partition,
-                        offset,
-                    };
+                    let topic = self.topics.aggregates.clone();
+                    let source = self.pass(AGGREGATES, topic, &o, partition, sink);
                     let input = as_input(&o, source);
                     let mut m = Emitter::new();
                     self.models.process(&input, &mut m);
                     let mut d = Emitter::new();
                     self.decide.process(&input, &mut d);
                     self.deliver_decide(d, sink);
-                    self.deliver_models_at(m, partition, sink);
+                    self.deliver_models(m, partition, sink);
                 }
                 LATE => self.emitted(LATE, &o, sink),
                 _ => {}
@@ -295,11 +289,7 @@ impl Chain {
         }
     }
 
-    fn deliver_models(&mut self, e: Emitter, sink: &mut dyn Sink) {
-        self.deliver_models_at(e, 0, sink);
-    }
-
-    fn deliver_models_at(&mut self, mut e: Emitter, partition: i32, sink: &mut dyn Sink) {
+    fn deliver_models(&mut self, mut e: Emitter, partition: i32, sink: &mut dyn Sink) {
         let (outputs, dead) = e.drain();
         self.dead_letters("models", dead, sink);
         for o in outputs {
@@ -309,13 +299,7 @@ impl Chain {
                 // Model snapshots are how a live stage survives a restart; a replay has none.
                 _ => continue,
             };
-            self.emitted(role, &o, sink);
-            let offset = self.next_offset(role, partition);
-            let source = Source {
-                topic,
-                partition,
-                offset,
-            };
+            let source = self.pass(role, topic, &o, partition, sink);
             let mut d = Emitter::new();
             self.decide.process(&as_input(&o, source), &mut d);
             self.deliver_decide(d, sink);

@@ -702,10 +702,7 @@ impl TopicSink {
 
     /// Waits for every output to be acknowledged; an error if any was lost.
     pub fn close(self) -> Result<(), TopicError> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while self.producer.in_flight_count() > 0 && std::time::Instant::now() < deadline {
-            self.producer.poll(Duration::from_millis(10));
-        }
+        crate::runner::settle(&self.producer, Duration::from_secs(60));
         let failed = self
             .producer
             .context()

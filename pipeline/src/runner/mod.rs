@@ -481,6 +481,16 @@ pub fn spawn_transactional<S: Stage + Send + 'static>(
         .spawn(move || run_transactional(stage, ctx, &transactional_id))
 }
 
+/// Waits, polling every millisecond, until every record `producer` sent is acknowledged or
+/// `timeout` passes. rust-rdkafka's `flush` (also inside `commit_transaction`) naps 100 ms
+/// between polls, which adds that much to whatever waits on it.
+pub fn settle<C: ProducerContext>(producer: &BaseProducer<C>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while producer.in_flight_count() > 0 && Instant::now() < deadline {
+        producer.poll(Duration::from_millis(1));
+    }
+}
+
 /// The stage's consumer: `cc` with the shared defaults, subscribed to the input topics.
 /// `commit_on_revoke` only for at-least-once (see [`ConsumerCtx`]).
 fn subscribed(

@@ -140,7 +140,10 @@ pub fn run_transactional<S: Stage>(
                 let metadata = consumer.group_metadata().ok_or(Step::NoGroupMetadata)?;
                 producer.send_offsets_to_transaction(&tpl, &metadata, timeout)?;
             }
-            settle(&producer, timeout);
+            // commit_transaction flushes first, but rust-rdkafka's flush polls in 100 ms
+            // naps: settled here, the commit finds nothing outstanding and a window's
+            // commands reach readers ~100 ms sooner.
+            super::settle(&producer, timeout);
             producer.commit_transaction(timeout)?;
             Ok(())
         })();
@@ -206,17 +209,6 @@ pub fn run_transactional<S: Stage>(
         "stage stopped"
     );
     Ok(summary)
-}
-
-/// Waits, polling often, until every record sent is acknowledged (or `timeout` passes).
-/// `commit_transaction` flushes first, but rust-rdkafka's flush polls in 100 ms naps: done
-/// here, the commit finds nothing outstanding and a window's commands reach readers
-/// ~100 ms sooner.
-fn settle(producer: &BaseProducer<DeliveryCtx>, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while producer.in_flight_count() > 0 && Instant::now() < deadline {
-        producer.poll(Duration::from_millis(1));
-    }
 }
 
 /// Why a batch's transaction did not commit.
