@@ -230,30 +230,6 @@ impl Policy for Hpa {
     }
 }
 
-/// The HPA's default `behavior` around `target` utilization.
-pub fn hpa_config(ebb: &ScaleConfig) -> ScaleConfig {
-    ScaleConfig {
-        capacity_per_replica: ebb.capacity_per_replica,
-        target_utilization: ebb.target_utilization,
-        tolerance: 0.1,
-        min_replicas: ebb.min_replicas,
-        max_replicas: ebb.max_replicas,
-        // The HPA's default policies: up by 4 pods or 100%, down by 100%, every 15 s.
-        max_step_up: 4,
-        max_step_up_percent: 100,
-        max_step_down: 0,
-        max_step_down_percent: 100,
-        step_period: Duration::from_secs(15),
-        up_stabilization: Duration::ZERO,
-        down_stabilization: Duration::from_secs(300),
-        cooldown: Duration::ZERO,
-        startup_time: ebb.startup_time,
-        forecast_staleness: ebb.forecast_staleness,
-        headroom: 0.0,
-        max_forecast_error: ebb.max_forecast_error,
-    }
-}
-
 /// Forecast horizons for windows of `window_ms`: the configured ones rounded up to whole
 /// windows, plus the one a decision needs (a window and the start-up delay ahead).
 fn horizons(cfg: &ForecastConfig, window_ms: i64, startup_ms: i64) -> Vec<Duration> {
@@ -342,7 +318,7 @@ pub fn replay_series(
         window_ms,
     };
     let mut hpa = Hpa {
-        scale: hpa_config(&scale),
+        scale: scale.hpa_baseline(),
         limits,
         state: ScaleState::default(),
         window_ms,

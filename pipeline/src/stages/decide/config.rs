@@ -103,10 +103,18 @@ pub struct ScaleConfig {
     #[serde(with = "humantime_serde")]
     pub forecast_staleness: Duration,
     /// Headroom, as a fraction of the forecast's interval above its value: 0 plans for the
-    /// forecast, 1 for its upper bound. Default 0.25.
+    /// forecast, 1 for its upper bound. Default 0.1.
     pub headroom: f64,
+    /// The replica-minutes of a service stay within this multiple of what the Kubernetes
+    /// HPA rule (its default `behavior` at `target_utilization`) runs on the same load,
+    /// counted since the service's policy state began: headroom is bought only while under
+    /// it, and over it the policy asks for no more replicas than that rule would. So
+    /// forecast-driven scaling never costs more than the autoscaler it replaces, and spends
+    /// what its forecasts save where they expect a rise. 0 turns the ceiling off. Default 1.
+    pub cost_ceiling: f64,
     /// A forecast whose recent error exceeds this fraction of the load is worse than the
-    /// reactive rule can do: fall back. Default 0.5.
+    /// reactive rule can do: fall back (a forecast worse than naive falls back anyway: the
+    /// forecaster then leads with the naive value). Default 2.
     pub max_forecast_error: f64,
 }
 
@@ -128,8 +136,31 @@ impl Default for ScaleConfig {
             cooldown: Duration::from_secs(60),
             startup_time: Duration::from_secs(60),
             forecast_staleness: Duration::from_secs(180),
-            headroom: 0.25,
-            max_forecast_error: 0.5,
+            headroom: 0.1,
+            cost_ceiling: 1.0,
+            max_forecast_error: 2.0,
+        }
+    }
+}
+
+impl ScaleConfig {
+    /// The Kubernetes HPA's default `behavior` around this config's target utilization and
+    /// limits: the reactive baseline that savings are counted against and replay compares.
+    pub fn hpa_baseline(&self) -> ScaleConfig {
+        ScaleConfig {
+            tolerance: 0.1,
+            // The HPA's default policies: up by 4 pods or 100%, down by 100%, every 15 s.
+            max_step_up: 4,
+            max_step_up_percent: 100,
+            max_step_down: 0,
+            max_step_down_percent: 100,
+            step_period: Duration::from_secs(15),
+            up_stabilization: Duration::ZERO,
+            down_stabilization: Duration::from_secs(300),
+            cooldown: Duration::ZERO,
+            headroom: 0.0,
+            cost_ceiling: 0.0,
+            ..self.clone()
         }
     }
 }
@@ -272,10 +303,16 @@ impl DecideConfig {
             return bad("scale.startup_time", "must be positive");
         }
         if !(0.0..=1.0).contains(&s.headroom) {
-            return bad("decide.scale.headroom", "must be between 0 and 1");
+            return bad("scale.headroom", "must be between 0 and 1");
+        }
+        if !(s.cost_ceiling == 0.0 || (0.5..=10.0).contains(&s.cost_ceiling)) {
+            return bad(
+                "scale.cost_ceiling",
+                "must be 0 (off) or between 0.5 and 10",
+            );
         }
         if s.step_period.is_zero() {
-            return bad("decide.scale.step_period", "must be above zero");
+            return bad("scale.step_period", "must be above zero");
         }
         if s.forecast_staleness.is_zero() {
             return bad("scale.forecast_staleness", "must be positive");

@@ -131,6 +131,15 @@ pub struct ScaleState {
     pub recommendations: VecDeque<(i64, u32)>,
     /// Learned load one replica serves at 100%.
     pub capacity: Option<f64>,
+    /// The HPA rule's own state on the same load, under a cost ceiling.
+    #[serde(default)]
+    pub baseline: Option<Box<ScaleState>>,
+    /// Replica-minutes asked for so far, under a cost ceiling.
+    #[serde(default)]
+    pub replica_minutes: f64,
+    /// Replica-minutes the HPA rule asked for on the same load meanwhile.
+    #[serde(default)]
+    pub baseline_minutes: f64,
 }
 
 /// Which rule produced a scale decision.
@@ -262,10 +271,23 @@ pub fn scale(
     };
     let target_u = cfg.target_utilization;
     let within_tolerance = |ratio: f64| (ratio - 1.0).abs() <= cfg.tolerance;
+    let baseline = match capacity {
+        Some(c) if cfg.cost_ceiling > 0.0 => Some(run_baseline(state, cfg, limits, obs, c)),
+        _ => None,
+    };
+    // At the ceiling, the forecast alone is planned for (no headroom) and never above what
+    // the HPA rule runs, until the forecasts have saved enough to pay for more.
+    // Headroom is bought for a window at a time, so the savings must cover a window of the
+    // current fleet before it is.
+    let window_minutes = (obs.window_end - obs.window_start).max(0) as f64 / 60_000.0;
+    let reserve = f64::from(current) * window_minutes;
+    let at_ceiling = baseline.is_some()
+        && state.replica_minutes + reserve >= cfg.cost_ceiling * state.baseline_minutes;
+    let headroom = if at_ceiling { 0.0 } else { cfg.headroom };
     let problem = forecast_problem(cfg, obs, capacity);
     let (policy, desired, planned_load, fallback) = match (&obs.forecast, problem, capacity) {
         (Some(f), None, Some(c)) => {
-            let ahead = f.value + cfg.headroom * (f.upper - f.value).max(0.0);
+            let ahead = f.value + headroom * (f.upper - f.value).max(0.0);
             // The load already here is evidence too: when it is above the forecast's
             // interval, the forecast (made a window ago) missed a surge and must not hold the
             // service below what it carries now. Inside the interval the forecast leads, on
@@ -295,6 +317,13 @@ pub fn scale(
         }
     };
     let mut limited = Vec::new();
+    let desired = match baseline {
+        Some(b) if at_ceiling && desired > b => {
+            limited.push("cost_ceiling");
+            b
+        }
+        _ => desired,
+    };
     let mut next = desired;
     if obs.anomaly_open && next < current {
         next = current;
@@ -332,6 +361,15 @@ pub fn scale(
         if highest > next {
             next = highest;
             limited.push("down_stabilization");
+        }
+    }
+    // At the ceiling, no more than the HPA rule runs, whose own stabilization has already
+    // held any drop it follows; an open anomaly still holds every drop.
+    let ceiling = baseline.map(|b| if obs.anomaly_open { b.max(current) } else { b });
+    if let Some(b) = ceiling.filter(|b| at_ceiling && next > *b) {
+        next = b;
+        if !limited.contains(&"cost_ceiling") {
+            limited.push("cost_ceiling");
         }
     }
     // One step per period of the window, compounding, at least one.
@@ -373,13 +411,22 @@ pub fn scale(
         && state
             .last_action_ms
             .is_some_and(|t| obs.window_end - t < repeat_ms);
-    if next == current || repeated {
-        return None;
-    }
-    if state
+    let cooling = state
         .last_action_ms
-        .is_some_and(|t| obs.window_end - t < cooldown_ms)
-    {
+        .is_some_and(|t| obs.window_end - t < cooldown_ms);
+    let acts = next != current && !repeated && !cooling;
+    if let Some(baseline) = baseline {
+        // The coming window is billed at what each side has asked for through it (replicas
+        // still starting are billed already).
+        let ours = if acts {
+            next
+        } else {
+            state.target.unwrap_or(current)
+        };
+        state.replica_minutes += f64::from(ours) * window_minutes;
+        state.baseline_minutes += f64::from(baseline) * window_minutes;
+    }
+    if !acts {
         return None;
     }
     state.target = Some(next);
@@ -404,6 +451,12 @@ pub fn scale(
     if let Some(why) = &fallback {
         reason.push_str(&format!(" ({why})"));
     }
+    if policy == ScalePolicy::Forecast && headroom < cfg.headroom {
+        reason.push_str(&format!(
+            " (no headroom: at the cost ceiling, {:.0} replica-minutes against the HPA rule's {:.0})",
+            state.replica_minutes, state.baseline_minutes
+        ));
+    }
     if !limited.is_empty() {
         reason.push_str(&format!("; limited by {}", limited.join(", ")));
     }
@@ -419,6 +472,39 @@ pub fn scale(
         planned_load,
         reason,
     })
+}
+
+/// Steps the HPA baseline kept in `state` through the same window, at capacity `capacity`,
+/// and returns the replicas it asks for through the coming window.
+fn run_baseline(
+    state: &mut ScaleState,
+    cfg: &ScaleConfig,
+    limits: &ServiceLimits,
+    obs: &Observation,
+    capacity: f64,
+) -> u32 {
+    let baseline = state.baseline.get_or_insert_with(|| {
+        Box::new(ScaleState {
+            target: Some(obs.replicas),
+            ..ScaleState::default()
+        })
+    });
+    let replicas = baseline.target.unwrap_or(obs.replicas);
+    let seen = Observation {
+        replicas,
+        utilization: None,
+        forecast: None,
+        anomaly_open: false,
+        ..obs.clone()
+    };
+    let limits = ServiceLimits {
+        capacity_per_replica: Some(capacity),
+        ..*limits
+    };
+    match scale(baseline, &cfg.hpa_baseline(), &limits, &seen) {
+        Some(d) => d.target,
+        None => baseline.target.unwrap_or(replicas),
+    }
 }
 
 /// One health metric's window, as the restart policy sees it.

@@ -347,13 +347,18 @@ fn a_sustained_drop_scales_down_only_after_the_stabilization_window() {
             .all(|w| w[0].1 - w[1].1 <= cfg.max_step_down),
         "{actions:?}"
     );
-    // 200 plus a quarter of the interval's upper half (10%): 205 at 100 x 70% needs 3.
+    // 200 plus a tenth of the interval's upper half (10%): 202 at 100 x 70% needs 3.
     assert_eq!(replicas, 3);
 }
 
 #[test]
 fn steps_and_max_replicas_hold_under_a_forecast_that_goes_wild() {
-    let cfg = ScaleConfig::default();
+    // Without the cost ceiling, which would hold the service at the HPA rule's count: the
+    // step and replica limits alone must stop the forecast.
+    let cfg = ScaleConfig {
+        cost_ceiling: 0.0,
+        ..ScaleConfig::default()
+    };
     let mut state = ScaleState::default();
     let mut replicas = 3;
     let mut actions = 0;
@@ -380,6 +385,84 @@ fn steps_and_max_replicas_hold_under_a_forecast_that_goes_wild() {
     assert_eq!(replicas, 20, "the wild forecast pushed to the cap");
     // 3 -> 7 (four at most) -> 14 (100% at most) -> 20 (the cap).
     assert_eq!(actions, 3, "at most max(4, 100%) replicas a step");
+}
+
+#[test]
+fn a_forecast_biased_high_costs_no_more_than_the_hpa_rule_and_says_why() {
+    let cfg = ScaleConfig::default();
+    let mut state = ScaleState::default();
+    let mut replicas = 4;
+    let mut billed = 0.0;
+    for m in 1..300 {
+        // 250 on replicas of 100 at 70% needs 4; the forecast says half as much again.
+        let load = 250.0 + 20.0 * (m as f64 / 9.0).sin();
+        if let Some(d) = policy::scale(
+            &mut state,
+            &cfg,
+            &limits(50),
+            &obs(T0 + m * MINUTE, load, replicas, Some(load * 1.5)),
+        ) {
+            replicas = d.target;
+        }
+        billed += f64::from(replicas);
+    }
+    assert!((billed - state.replica_minutes).abs() < 1e-9);
+    assert!(
+        state.replica_minutes <= state.baseline_minutes + 6.0,
+        "{} replica-minutes against the HPA rule's {}",
+        state.replica_minutes,
+        state.baseline_minutes
+    );
+    assert!(state.baseline_minutes >= 4.0 * 299.0);
+    let off = ScaleConfig {
+        cost_ceiling: 0.0,
+        ..cfg.clone()
+    };
+    let mut free = ScaleState::default();
+    let mut replicas = 4;
+    let mut billed_free = 0.0;
+    for m in 1..300 {
+        let load = 250.0 + 20.0 * (m as f64 / 9.0).sin();
+        if let Some(d) = policy::scale(
+            &mut free,
+            &off,
+            &limits(50),
+            &obs(T0 + m * MINUTE, load, replicas, Some(load * 1.5)),
+        ) {
+            replicas = d.target;
+        }
+        billed_free += f64::from(replicas);
+    }
+    assert!(
+        billed_free > 1.3 * billed,
+        "without the ceiling the bias is bought: {billed_free} vs {billed}"
+    );
+    assert!(free.baseline.is_none() && free.baseline_minutes == 0.0);
+}
+
+#[test]
+fn at_the_cost_ceiling_a_rise_is_followed_as_the_hpa_rule_would_and_the_command_says_so() {
+    let cfg = ScaleConfig::default();
+    let mut state = ScaleState::default();
+    // Nothing saved yet: the first decision is at the ceiling. 560 on 4 needs 8 by the HPA
+    // rule; the forecast of 900 (upper 990) would ask for 13.
+    let Some(d) = policy::scale(
+        &mut state,
+        &cfg,
+        &limits(50),
+        &obs(T0 + MINUTE, 560.0, 4, Some(900.0)),
+    ) else {
+        panic!("140% utilization must scale up");
+    };
+    assert_eq!(d.policy, policy::ScalePolicy::Forecast);
+    assert_eq!(d.target, 8, "{}", d.reason);
+    assert!(d.limits.contains(&"cost_ceiling"), "{:?}", d.limits);
+    assert!(
+        d.reason.contains("no headroom: at the cost ceiling"),
+        "{}",
+        d.reason
+    );
+    assert!(d.reason.contains("cost_ceiling"), "{}", d.reason);
 }
 
 #[test]
@@ -680,5 +763,18 @@ fn config_validation_names_the_key() {
     cfg.restart.interval = Duration::ZERO;
     let err = problem(&cfg);
     assert!(err.contains("decide.restart.interval"), "{err}");
+    for (ceiling, ok) in [(0.0, true), (1.0, true), (0.2, false), (f64::NAN, false)] {
+        let mut cfg = DecideConfig::default();
+        cfg.scale.cost_ceiling = ceiling;
+        let err = problem(&cfg);
+        assert_eq!(err.is_empty(), ok, "{ceiling}: {err}");
+        assert!(
+            ok || err.contains("key decide.scale.cost_ceiling:"),
+            "{err}"
+        );
+    }
+    let mut cfg = DecideConfig::default();
+    cfg.scale.headroom = 2.0;
+    assert!(problem(&cfg).contains("key decide.scale.headroom:"));
     assert!(DecideConfig::default().validate(&signals).is_ok());
 }
