@@ -81,13 +81,14 @@ enum Command {
     /// Backtest on recorded data. `--file`: ebb's scaling policy on one service's recorded
     /// load against a reactive HPA baseline, static provisioning and an oracle (report.json,
     /// report.md, plots). `--topic`: a recorded raw telemetry topic through the whole
-    /// pipeline (filter, window, models, decide) on a simulated clock, outputs to files.
+    /// pipeline (filter, window, models, decide) on a simulated clock, outputs to files, and
+    /// each service's load through the same comparison (a fleet report).
     Replay {
         /// CSV, JSON lines (.jsonl) or Parquet (.parquet) file: one service's request rate
         /// over time.
         #[arg(
             long,
-            value_name = "CSV",
+            value_name = "FILE",
             required_unless_present = "topic",
             conflicts_with = "topic"
         )]
@@ -1318,6 +1319,16 @@ async fn replay_topic(
                 o.replica_minutes
             )?;
         }
+        let v = &summary.verdict;
+        writeln!(
+            stdout,
+            "fleet: ebb vs hpa violations x{:.2}, cost x{:.2}; fewer violations at no more cost on {} of {} services; report in {}",
+            v.violation_ratio,
+            v.cost_ratio,
+            summary.services_better_than_hpa,
+            summary.policies.len(),
+            dir.join("report.md").display()
+        )?;
     }
     if json {
         writeln!(stdout, "{}", serde_json::to_string(&summary)?)?;

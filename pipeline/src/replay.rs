@@ -493,6 +493,7 @@ pub fn replay_file(
         &job.report.join("load.svg"),
         &runs,
         outcome.report.cluster.capacity_per_replica,
+        "requests/s",
         &labels,
     )?;
     plot::replicas(&job.report.join("replicas.svg"), &runs)?;

@@ -85,6 +85,31 @@ fn replaying_a_demo_runs_raw_topic_reproduces_its_commands_on_the_mock_cluster()
             "{service}: {p:?}"
         );
     }
+    // The fleet report: every policy summed, a page to read and its plots.
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap_or_default())
+            .unwrap_or_default();
+    for name in ["ebb", "hpa", "static", "oracle"] {
+        assert!(
+            report["policies"][name]["replica_minutes"]
+                .as_f64()
+                .unwrap_or(0.0)
+                > 0.0,
+            "{name}: {report}"
+        );
+    }
+    assert_eq!(
+        report["services"].as_u64(),
+        Some(summary.policies.len() as u64)
+    );
+    let page = std::fs::read_to_string(dir.join("report.md")).unwrap_or_default();
+    assert!(page.contains("| checkout |") && page.contains("![replicas](replicas.svg)"));
+    for plot in ["load.svg", "replicas.svg"] {
+        assert!(
+            std::fs::metadata(dir.join(plot)).is_ok_and(|m| m.len() > 1000),
+            "{plot}"
+        );
+    }
     let replayed = common::replayed_commands(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     common::assert_replay_reproduces(&live, &replayed);

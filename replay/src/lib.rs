@@ -5,8 +5,9 @@
 //! and p95 latency follows the utilization. [`policies`] holds the baselines that need no
 //! forecasting (static peak provisioning and the oracle); the pipeline drives ebb's policy
 //! and the HPA-style reactive rule with its own decide code. [`report`] writes what a team
-//! reads: `report.json`, `report.md` and SVG plots.
+//! reads: `report.json`, `report.md` and SVG plots; [`fleet`] sums many services' replays.
 
+pub mod fleet;
 pub mod plot;
 pub mod policies;
 pub mod report;

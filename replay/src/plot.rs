@@ -48,12 +48,13 @@ fn draw_err<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> ReportError + '_
     }
 }
 
-/// `load.svg`: the load and each policy's ready capacity (requests/s), violations of ebb and
+/// `load.svg`: the load and each policy's ready capacity (in `unit`), violations of ebb and
 /// hpa marked under the axis, labelled anomaly windows shaded.
 pub fn load_vs_capacity(
     path: &Path,
     runs: &Runs<'_>,
     capacity_per_replica: f64,
+    unit: &str,
     anomalies: &[(i64, i64)],
 ) -> Result<(), ReportError> {
     let err = draw_err(path);
@@ -75,7 +76,10 @@ pub fn load_vs_capacity(
     root.fill(&WHITE).map_err(&err)?;
     let x_max = hours(t1, t0);
     let mut chart = ChartBuilder::on(&root)
-        .caption("load vs ready capacity (requests/s)", ("sans-serif", 18))
+        .caption(
+            format!("load vs ready capacity ({unit})"),
+            ("sans-serif", 18),
+        )
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(64)

@@ -374,44 +374,43 @@ pub struct TopicSummary {
     /// Everything that went through the stages.
     pub counts: super::chain::ChainCounts,
     /// Per service, on its recorded load: ebb's policy, the HPA baseline, static
-    /// provisioning and the oracle on the cluster simulator (as `ebb replay --file`).
+    /// provisioning and the oracle on the cluster simulator (as `ebb replay --file`); summed
+    /// over the fleet in `report.json`.
     pub policies: std::collections::BTreeMap<
         String,
         std::collections::BTreeMap<String, ebb_replay::PolicyResult>,
     >,
+    /// ebb against the HPA baseline over the fleet.
+    pub verdict: ebb_replay::report::Verdict,
+    /// Services where ebb broke the SLO less than the HPA at no more cost.
+    pub services_better_than_hpa: usize,
 }
 
-/// Each service's recorded load through the policy comparison of `ebb replay --file`.
-fn compare_policies(
-    config: &Config,
-    loads: &Loads,
-) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, ebb_replay::PolicyResult>>
-{
-    loads
-        .by_service
-        .iter()
-        .filter(|(_, windows)| windows.len() >= 2)
-        .map(|(service, windows)| {
-            let series = crate::eval::series::Series {
-                times: windows.iter().map(|w| w.0).collect(),
-                values: windows.iter().map(|w| w.1).collect(),
-                raw_times: Vec::new(),
-                raw_values: Vec::new(),
-            };
-            let input = ebb_replay::report::InputInfo {
-                file: service.clone(),
-                time_column: "window_start".into(),
-                value_column: loads.spec.name.clone(),
-                rows: series.times.len(),
-                step_seconds: series.step_ms() as f64 / 1000.0,
-                from: String::new(),
-                until: String::new(),
-                minutes: 0.0,
-            };
-            let outcome = super::replay_series(config, &series, input, "ebb.toml", &[]);
-            (service.clone(), outcome.report.policies)
-        })
-        .collect()
+/// Each service's recorded load through the policy comparison of `ebb replay --file`,
+/// summed into a fleet as it goes (the simulations are not kept).
+fn compare_policies(config: &Config, loads: &Loads) -> ebb_replay::fleet::Fleet {
+    let mut fleet = ebb_replay::fleet::Fleet::default();
+    for (service, windows) in loads.by_service.iter().filter(|(_, w)| w.len() >= 2) {
+        let series = crate::eval::series::Series {
+            times: windows.iter().map(|w| w.0).collect(),
+            values: windows.iter().map(|w| w.1).collect(),
+            raw_times: Vec::new(),
+            raw_values: Vec::new(),
+        };
+        let input = ebb_replay::report::InputInfo {
+            file: service.clone(),
+            time_column: "window_start".into(),
+            value_column: loads.spec.name.clone(),
+            rows: series.times.len(),
+            step_seconds: series.step_ms() as f64 / 1000.0,
+            from: String::new(),
+            until: String::new(),
+            minutes: 0.0,
+        };
+        let outcome = super::replay_series(config, &series, input, "ebb.toml", &[]);
+        fleet.add(service, &outcome.report, &outcome.runs);
+    }
+    fleet
 }
 
 /// Why a topic replay failed.
@@ -426,6 +425,9 @@ pub enum TopicReplayError {
     /// The outputs could not be written.
     #[error("{0}: {1}")]
     Write(std::path::PathBuf, std::io::Error),
+    /// The report could not be written.
+    #[error("report in {0}: {1}")]
+    Report(std::path::PathBuf, ebb_replay::report::ReportError),
     /// The run-prefix topics could not be made.
     #[error(transparent)]
     Topics(crate::topics::TopicsError),
@@ -553,17 +555,29 @@ pub fn replay_topic(
     if let Some(t) = topics {
         t.close()?;
     }
-    let policies = compare_policies(config, &loads);
+    let fleet = compare_policies(config, &loads);
+    let from = counts
+        .first_ms
+        .map(crate::stages::window::aggregate::ms_to_rfc3339);
+    let until = counts
+        .last_ms
+        .map(crate::stages::window::aggregate::ms_to_rfc3339);
+    let report = fleet.report(&format!("topic {}", range.topic), from, until);
+    fleet
+        .write(&report, dir)
+        .map_err(|e| TopicReplayError::Report(dir.to_path_buf(), e))?;
     let summary = TopicSummary {
         topic: range.topic.clone(),
         partitions,
-        policies,
-        from: counts
-            .first_ms
-            .map(crate::stages::window::aggregate::ms_to_rfc3339),
-        until: counts
-            .last_ms
-            .map(crate::stages::window::aggregate::ms_to_rfc3339),
+        policies: report
+            .by_service
+            .into_iter()
+            .map(|(service, s)| (service, s.policies))
+            .collect(),
+        verdict: report.verdict,
+        services_better_than_hpa: report.services_better_than_hpa,
+        from: report.from,
+        until: report.until,
         counts,
     };
     let path = dir.join("summary.json");
