@@ -70,6 +70,8 @@ pub struct StageCounts {
     pub by_output: Mutex<BTreeMap<String, u64>>,
     /// Dead letters by reason (acknowledged).
     pub dead_lettered: Mutex<BTreeMap<String, u64>>,
+    /// Partitions this instance's consumer holds now.
+    pub partitions: std::sync::atomic::AtomicI64,
 }
 
 impl StageCounts {

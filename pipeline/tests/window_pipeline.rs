@@ -324,12 +324,26 @@ fn two_instances(target: &Target) {
     let expected = reference(&config, &records);
     let a = RunningWindow::start_window(&config, &rt);
     let b = RunningWindow::start_window(&config, &rt);
-    // Let the group settle before any input, so no partition changes hands mid-stream.
-    std::thread::sleep(Duration::from_secs(if matches!(target, Target::Mock(_)) {
-        3
-    } else {
-        6
-    }));
+    // Let the group settle before any input, so no partition changes hands mid-stream:
+    // both instances hold partitions and together all of them.
+    let held = |r: &RunningWindow| {
+        r.metrics
+            .stage("window")
+            .partitions
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // The window stage reads the clean topic, made with 3 partitions for every test.
+    let total = 3;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !(held(&a) > 0 && held(&b) > 0 && held(&a) + held(&b) == total) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the group never settled: {} and {} of {total} partitions",
+            held(&a),
+            held(&b)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     produce(&config, &config.topics.name(&config.topics.clean), &records);
     let aggregates = config.topics.name(&config.topics.aggregates);
     let out = read_exactly(

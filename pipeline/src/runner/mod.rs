@@ -204,6 +204,10 @@ impl ConsumerContext for ConsumerCtx {
                     Err(e) => warn!(stage = self.stage, error = %e, "commit on revoke failed"),
                 }
             }
+            self.metrics.stage(self.stage).partitions.fetch_sub(
+                i64::try_from(tpl.count()).unwrap_or(0),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             info!(
                 stage = self.stage,
                 partitions = tpl.count(),
@@ -221,6 +225,10 @@ impl ConsumerContext for ConsumerCtx {
                         .map(|(t, p)| PartitionEvent::Assigned(t, p)),
                 );
             }
+            self.metrics.stage(self.stage).partitions.fetch_add(
+                i64::try_from(tpl.count()).unwrap_or(0),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             info!(
                 stage = self.stage,
                 partitions = tpl.count(),
