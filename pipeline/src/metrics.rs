@@ -117,6 +117,9 @@ pub struct Metrics {
     pub consumer_lag: Family<PartitionLabel, Gauge>,
     /// Retries of failed deliveries or registry calls.
     pub retries: Family<StageLabel, Counter>,
+    /// Partitions a stage's consumer holds: a member of a group with none is idle (more
+    /// instances than partitions).
+    pub partitions: Family<StageLabel, Gauge>,
     stages: Mutex<BTreeMap<String, Arc<StageCounts>>>,
 }
 
@@ -147,6 +150,7 @@ impl Metrics {
         );
         let consumer_lag = Family::<PartitionLabel, Gauge>::default();
         let retries = Family::<StageLabel, Counter>::default();
+        let partitions = Family::<StageLabel, Gauge>::default();
         registry.register(
             "records_in",
             "Records consumed by a stage",
@@ -182,6 +186,11 @@ impl Metrics {
             "Retried deliveries and registry calls",
             retries.clone(),
         );
+        registry.register(
+            "partitions",
+            "Partitions the stage's consumer holds",
+            partitions.clone(),
+        );
         Self {
             registry,
             records_in,
@@ -191,6 +200,7 @@ impl Metrics {
             record_latency_seconds,
             consumer_lag,
             retries,
+            partitions,
             stages: Mutex::new(BTreeMap::new()),
         }
     }

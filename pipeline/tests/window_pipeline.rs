@@ -344,6 +344,11 @@ fn two_instances(target: &Target) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let scraped = a.metrics.encode();
+    assert!(
+        scraped.contains(&format!("ebb_partitions{{stage=\"window\"}} {}", held(&a))),
+        "{scraped}"
+    );
     produce(&config, &config.topics.name(&config.topics.clean), &records);
     let aggregates = config.topics.name(&config.topics.aggregates);
     let out = read_exactly(

@@ -159,6 +159,22 @@ enum PartitionEvent {
     Revoked(String, i32),
 }
 
+impl ConsumerCtx {
+    /// Counts `change` partitions more (or fewer) held by this consumer.
+    fn held(&self, change: i64) {
+        self.metrics
+            .stage(self.stage)
+            .partitions
+            .fetch_add(change, Ordering::Relaxed);
+        self.metrics
+            .partitions
+            .get_or_create(&StageLabel {
+                stage: self.stage.to_string(),
+            })
+            .inc_by(change);
+    }
+}
+
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
     tpl.elements()
         .iter()
@@ -204,10 +220,7 @@ impl ConsumerContext for ConsumerCtx {
                     Err(e) => warn!(stage = self.stage, error = %e, "commit on revoke failed"),
                 }
             }
-            self.metrics.stage(self.stage).partitions.fetch_sub(
-                i64::try_from(tpl.count()).unwrap_or(0),
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            self.held(-i64::try_from(tpl.count()).unwrap_or(0));
             info!(
                 stage = self.stage,
                 partitions = tpl.count(),
@@ -225,10 +238,7 @@ impl ConsumerContext for ConsumerCtx {
                         .map(|(t, p)| PartitionEvent::Assigned(t, p)),
                 );
             }
-            self.metrics.stage(self.stage).partitions.fetch_add(
-                i64::try_from(tpl.count()).unwrap_or(0),
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            self.held(i64::try_from(tpl.count()).unwrap_or(0));
             info!(
                 stage = self.stage,
                 partitions = tpl.count(),
