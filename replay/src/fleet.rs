@@ -10,7 +10,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::plot;
-use crate::report::{PolicyResult, Report, ReportError, Verdict};
+use crate::report::{policy_table, write, PolicyResult, Report, ReportError, Verdict, POLICIES};
 use crate::sim::{Cluster, ClusterModel, Step, Totals};
 
 /// Rows of the per-service table in `report.md` at most (the JSON has every service).
@@ -135,7 +135,7 @@ impl Fleet {
         json.push(b'\n');
         write(&dir.join("report.json"), &json)?;
         write(&dir.join("report.md"), report.markdown().as_bytes())?;
-        let steps: Vec<(&str, Vec<Step>)> = ["ebb", "hpa", "static", "oracle"]
+        let steps: Vec<(&str, Vec<Step>)> = POLICIES
             .into_iter()
             .filter_map(|name| {
                 self.steps
@@ -153,13 +153,6 @@ impl Fleet {
         )?;
         plot::replicas(&dir.join("replicas.svg"), &runs)
     }
-}
-
-fn write(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
-    std::fs::write(path, bytes).map_err(|source| ReportError::Io {
-        path: path.display().to_string(),
-        source,
-    })
 }
 
 /// What every service of a fleet is simulated with.
@@ -225,20 +218,7 @@ impl FleetReport {
             ));
         }
         md.push_str("\n\n## The fleet\n\n");
-        md.push_str("| policy | SLA-violation minutes | replica-minutes | scale actions | served | mean replicas |\n");
-        md.push_str("|---|---:|---:|---:|---:|---:|\n");
-        for name in ["ebb", "hpa", "static", "oracle"] {
-            if let Some(p) = self.policies.get(name) {
-                md.push_str(&format!(
-                    "| {name} | {:.1} | {:.1} | {} | {:.4} | {:.2} |\n",
-                    p.sla_violation_minutes,
-                    p.replica_minutes,
-                    p.scale_actions,
-                    p.served_fraction,
-                    p.mean_replicas
-                ));
-            }
-        }
+        md.push_str(&policy_table(&self.policies));
         let v = &self.verdict;
         md.push_str(&format!(
             "\nebb vs HPA over the fleet: {:.0}% of its SLA-violation minutes, {:.0}% of its replica-minutes. Fewer violation minutes at no more cost on {} of {} services.\n\n",

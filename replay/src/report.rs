@@ -175,11 +175,35 @@ impl Verdict {
     }
 }
 
-fn write(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
+/// The policies a replay compares, in report order.
+pub const POLICIES: [&str; 4] = ["ebb", "hpa", "static", "oracle"];
+
+/// Writes one report file, naming it in the error.
+pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
     std::fs::write(path, bytes).map_err(|source| ReportError::Io {
         path: path.display().to_string(),
         source,
     })
+}
+
+/// A markdown table of `policies`, one row per policy in report order.
+pub fn policy_table(policies: &BTreeMap<String, PolicyResult>) -> String {
+    let mut out = String::new();
+    out.push_str("| policy | SLA-violation minutes | replica-minutes | scale actions | served | mean replicas |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|\n");
+    for name in POLICIES {
+        if let Some(p) = policies.get(name) {
+            out.push_str(&format!(
+                "| {name} | {:.1} | {:.1} | {} | {:.4} | {:.2} |\n",
+                p.sla_violation_minutes,
+                p.replica_minutes,
+                p.scale_actions,
+                p.served_fraction,
+                p.mean_replicas
+            ));
+        }
+    }
+    out
 }
 
 impl Report {
@@ -193,22 +217,7 @@ impl Report {
 
     /// The policy table, one row per policy.
     pub fn table(&self) -> String {
-        let mut out = String::new();
-        out.push_str("| policy | SLA-violation minutes | replica-minutes | scale actions | served | mean replicas |\n");
-        out.push_str("|---|---:|---:|---:|---:|---:|\n");
-        for name in ["ebb", "hpa", "static", "oracle"] {
-            if let Some(p) = self.policies.get(name) {
-                out.push_str(&format!(
-                    "| {name} | {:.1} | {:.1} | {} | {:.4} | {:.2} |\n",
-                    p.sla_violation_minutes,
-                    p.replica_minutes,
-                    p.scale_actions,
-                    p.served_fraction,
-                    p.mean_replicas
-                ));
-            }
-        }
-        out
+        policy_table(&self.policies)
     }
 
     /// `report.md`.

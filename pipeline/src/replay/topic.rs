@@ -677,15 +677,9 @@ impl TopicSink {
         payload: Option<&[u8]>,
         headers: &[(String, Vec<u8>)],
     ) {
-        let mut hs = rdkafka::message::OwnedHeaders::new();
-        for (k, v) in headers {
-            hs = hs.insert(rdkafka::message::Header {
-                key: k,
-                value: Some(v),
-            });
-        }
         let mut record: rdkafka::producer::BaseRecord<'_, [u8], [u8], ()> =
-            rdkafka::producer::BaseRecord::with_opaque_to(topic, ()).headers(hs);
+            rdkafka::producer::BaseRecord::with_opaque_to(topic, ())
+                .headers(crate::runner::owned_headers(headers));
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -745,11 +739,7 @@ impl super::chain::Sink for TopicSink {
     }
 
     fn dead_letter(&mut self, stage: &'static str, dead: &crate::stage::DeadLetter) {
-        let mut headers = dead.headers.clone();
-        headers.push(("ebb.stage".into(), stage.as_bytes().to_vec()));
-        headers.push(("ebb.reason".into(), dead.reason.as_bytes().to_vec()));
-        headers.push(("ebb.detail".into(), dead.detail.as_bytes().to_vec()));
-        headers.push(("ebb.source".into(), dead.source.to_string().into_bytes()));
+        let headers = crate::runner::dead_letter_headers(stage, dead);
         let topic = self.dead_letter.clone();
         self.send(
             &topic,

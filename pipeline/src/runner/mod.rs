@@ -315,31 +315,43 @@ struct Outgoing {
     headers: Vec<(String, Vec<u8>)>,
 }
 
-fn dead_letter_record(stage: &str, topic: &str, dl: DeadLetter) -> Outgoing {
-    let mut headers = dl.headers;
+/// The headers of a dead letter from `stage`: the record's own, then the stage, the reason,
+/// its detail and where the record came from.
+pub(crate) fn dead_letter_headers(stage: &str, dl: &DeadLetter) -> Vec<(String, Vec<u8>)> {
+    let mut headers = dl.headers.clone();
     headers.push(("ebb.stage".into(), stage.as_bytes().to_vec()));
     headers.push(("ebb.reason".into(), dl.reason.as_bytes().to_vec()));
-    headers.push(("ebb.detail".into(), dl.detail.into_bytes()));
+    headers.push(("ebb.detail".into(), dl.detail.as_bytes().to_vec()));
     headers.push(("ebb.source".into(), dl.source.to_string().into_bytes()));
+    headers
+}
+
+fn dead_letter_record(stage: &str, topic: &str, dl: DeadLetter) -> Outgoing {
     Outgoing {
         topic: topic.to_string(),
+        headers: dead_letter_headers(stage, &dl),
         key: dl.key,
         payload: dl.payload,
-        headers,
     }
+}
+
+/// Kafka headers of `(key, value)` pairs, in order.
+pub(crate) fn owned_headers(headers: &[(String, Vec<u8>)]) -> OwnedHeaders {
+    headers.iter().fold(
+        OwnedHeaders::new_with_capacity(headers.len()),
+        |hs, (k, v)| {
+            hs.insert(Header {
+                key: k,
+                value: Some(v),
+            })
+        },
+    )
 }
 
 /// Enqueues one record, waiting (and serving delivery reports) while librdkafka's queue is full.
 fn send(producer: &BaseProducer<DeliveryCtx>, r: &Outgoing, tracker: &Arc<Tracker>) {
-    let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
-    for (k, v) in &r.headers {
-        headers = headers.insert(Header {
-            key: k,
-            value: Some(v),
-        });
-    }
     let mut rec: BaseRecord<'_, [u8], [u8], Arc<Tracker>> =
-        BaseRecord::with_opaque_to(&r.topic, tracker.clone()).headers(headers);
+        BaseRecord::with_opaque_to(&r.topic, tracker.clone()).headers(owned_headers(&r.headers));
     if let Some(k) = &r.key {
         rec = rec.key(k.as_slice());
     }

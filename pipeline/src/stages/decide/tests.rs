@@ -387,18 +387,17 @@ fn steps_and_max_replicas_hold_under_a_forecast_that_goes_wild() {
     assert_eq!(actions, 3, "at most max(4, 100%) replicas a step");
 }
 
-#[test]
-fn a_forecast_biased_high_costs_no_more_than_the_hpa_rule_and_says_why() {
-    let cfg = ScaleConfig::default();
+/// 300 minutes of a load near 250 (4 replicas of 100 at 70%) under a forecast half as much
+/// again: the policy's state and the replica-minutes it asked for.
+fn biased_forecast(cfg: &ScaleConfig) -> (ScaleState, f64) {
     let mut state = ScaleState::default();
     let mut replicas = 4;
     let mut billed = 0.0;
     for m in 1..300 {
-        // 250 on replicas of 100 at 70% needs 4; the forecast says half as much again.
         let load = 250.0 + 20.0 * (m as f64 / 9.0).sin();
         if let Some(d) = policy::scale(
             &mut state,
-            &cfg,
+            cfg,
             &limits(50),
             &obs(T0 + m * MINUTE, load, replicas, Some(load * 1.5)),
         ) {
@@ -406,6 +405,13 @@ fn a_forecast_biased_high_costs_no_more_than_the_hpa_rule_and_says_why() {
         }
         billed += f64::from(replicas);
     }
+    (state, billed)
+}
+
+#[test]
+fn a_forecast_biased_high_costs_no_more_than_the_hpa_rule() {
+    let cfg = ScaleConfig::default();
+    let (state, billed) = biased_forecast(&cfg);
     assert!((billed - state.replica_minutes).abs() < 1e-9);
     assert!(
         state.replica_minutes <= state.baseline_minutes + 6.0,
@@ -414,25 +420,10 @@ fn a_forecast_biased_high_costs_no_more_than_the_hpa_rule_and_says_why() {
         state.baseline_minutes
     );
     assert!(state.baseline_minutes >= 4.0 * 299.0);
-    let off = ScaleConfig {
+    let (free, billed_free) = biased_forecast(&ScaleConfig {
         cost_ceiling: 0.0,
-        ..cfg.clone()
-    };
-    let mut free = ScaleState::default();
-    let mut replicas = 4;
-    let mut billed_free = 0.0;
-    for m in 1..300 {
-        let load = 250.0 + 20.0 * (m as f64 / 9.0).sin();
-        if let Some(d) = policy::scale(
-            &mut free,
-            &off,
-            &limits(50),
-            &obs(T0 + m * MINUTE, load, replicas, Some(load * 1.5)),
-        ) {
-            replicas = d.target;
-        }
-        billed_free += f64::from(replicas);
-    }
+        ..cfg
+    });
     assert!(
         billed_free > 1.3 * billed,
         "without the ceiling the bias is bought: {billed_free} vs {billed}"
