@@ -16,10 +16,12 @@ use datafusion::arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::{exec_err, Result};
 use datafusion::execution::FunctionRegistry;
 use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TypeSignature,
-    Volatility,
+    AggregateUDF, ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+    TypeSignature, Volatility,
 };
 use ebb_udf_core::Anonymizer;
+
+pub mod percentiles;
 
 /// The time zone of `to_utc`'s result.
 pub const UTC: &str = "UTC";
@@ -35,10 +37,20 @@ pub fn all(anon_key: Option<&[u8]>) -> Vec<ScalarUDF> {
     ]
 }
 
-/// Registers every ebb UDF with a session (or any function registry).
+/// Every ebb aggregate function.
+pub fn aggregates() -> Vec<AggregateUDF> {
+    vec![AggregateUDF::new_from_impl(
+        percentiles::ApproxPercentiles::new(),
+    )]
+}
+
+/// Registers every ebb UDF and aggregate with a session (or any function registry).
 pub fn register(registry: &mut dyn FunctionRegistry, anon_key: Option<&[u8]>) -> Result<()> {
     for udf in all(anon_key) {
         registry.register_udf(Arc::new(udf))?;
+    }
+    for udaf in aggregates() {
+        registry.register_udaf(Arc::new(udaf))?;
     }
     Ok(())
 }
