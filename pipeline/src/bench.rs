@@ -60,6 +60,8 @@ pub struct FilterFigures {
     pub raw_consume_records_per_s: f64,
     /// The filter stage through the runner over the same topic.
     pub filter_records_per_s: f64,
+    /// A stage that copies records unchanged, through the same runner: the runner's ceiling.
+    pub passthrough_records_per_s: f64,
     /// filter / raw.
     pub ratio: f64,
 }
@@ -95,20 +97,15 @@ fn generate(n: usize, format: WireFormat) -> Vec<(Vec<u8>, Vec<u8>)> {
     out
 }
 
-/// Decode + filter + encode rate on this thread.
-pub fn in_process(records: usize, format: WireFormat) -> f64 {
+/// Decode + filter + encode rate on this thread, under `config`'s filter settings.
+pub fn in_process(config: &Config, records: usize, format: WireFormat) -> f64 {
     let data = generate(records, format);
     let codec = AvroCodec::default();
     let _ = codec.schemas.insert(1, RAW_SCHEMA);
     let _ = codec.schemas.insert(2, CLEAN_SCHEMA);
     codec.schemas.set_output_id(CLEAN_KEY, 2);
     let end = start() + chrono::Duration::seconds(i64::try_from(records).unwrap_or(0));
-    let mut stage = FilterStage::new(
-        Config::default().filter,
-        b"bench-key-0123456789",
-        codec,
-        end,
-    );
+    let mut stage = FilterStage::new(config.filter.clone(), b"bench-key-0123456789", codec, end);
     let mut out = Emitter::new();
     let source = Source {
         topic: "bench".into(),
@@ -184,7 +181,44 @@ fn raw_consume(kafka: &BTreeMap<String, String>, topic: &str, n: u64) -> Result<
     Ok(n as f64 / t0.map_or(1.0, |t| t.elapsed().as_secs_f64()))
 }
 
+/// Copies every record to the clean topic unchanged: the runner's own ceiling (consume,
+/// produce, acknowledge, commit) with no work per record.
+struct Passthrough;
+
+impl Stage for Passthrough {
+    fn name(&self) -> &'static str {
+        "filter"
+    }
+
+    fn process(&mut self, input: &Input<'_>, out: &mut Emitter) {
+        out.emit(crate::stage::Output {
+            output: CLEAN,
+            key: input.key.unwrap_or_default().to_vec(),
+            payload: input.payload.unwrap_or_default().to_vec(),
+            headers: Vec::new(),
+        });
+    }
+}
+
 fn filter_through_broker(
+    config: &Config,
+    topic: &str,
+    prefix: &str,
+    n: u64,
+) -> Result<f64, BenchError> {
+    let clock = ManualClock::new(start() + chrono::Duration::days(1));
+    let stage = FilterStage::new(
+        config.filter.clone(),
+        b"bench-key-0123456789",
+        AvroCodec::default(),
+        clock.now(),
+    );
+    through_broker(stage, Arc::new(clock), config, topic, prefix, n)
+}
+
+fn through_broker<S: Stage + Send + 'static>(
+    stage: S,
+    clock: Arc<dyn Clock>,
     config: &Config,
     topic: &str,
     prefix: &str,
@@ -192,14 +226,6 @@ fn filter_through_broker(
 ) -> Result<f64, BenchError> {
     let metrics = Arc::new(Metrics::new());
     let shutdown = Arc::new(AtomicBool::new(false));
-    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(start() + chrono::Duration::days(1)));
-    let codec = AvroCodec::default();
-    let stage = FilterStage::new(
-        config.filter.clone(),
-        b"bench-key-0123456789",
-        codec,
-        clock.now(),
-    );
     let ctx = RunContext {
         kafka: config.kafka.clone(),
         group_id: format!("bench-filter-{}", rand::random::<u32>()),
@@ -239,13 +265,18 @@ fn filter_through_broker(
     Ok(rate)
 }
 
-/// Runs every filter figure. With `brokers`, the broker part runs there (topics are
-/// created by the caller's `topics apply` or auto-created); without, on a mock cluster.
-pub fn filter(records: u64, brokers: Option<&str>) -> Result<FilterFigures, BenchError> {
+/// Runs every filter figure under `base` (its `[kafka]`, `[runner]` and `[filter]` settings).
+/// With `brokers`, the broker part runs there (topics are created by the caller's `topics
+/// apply` or auto-created); without, on a mock cluster.
+pub fn filter(
+    base: &Config,
+    records: u64,
+    brokers: Option<&str>,
+) -> Result<FilterFigures, BenchError> {
     let n = usize::try_from(records).unwrap_or(usize::MAX);
-    let json = in_process(n, WireFormat::Json);
-    let avro = in_process(n, WireFormat::Avro(1));
-    let mut config = Config::default();
+    let json = in_process(base, n, WireFormat::Json);
+    let avro = in_process(base, n, WireFormat::Avro(1));
+    let mut config = base.clone();
     config.filter.time.max_age = Duration::from_secs(10 * 365 * 86_400);
     let prefix = format!("bench-{}.", rand::random::<u32>());
     let mock;
@@ -302,6 +333,14 @@ pub fn filter(records: u64, brokers: Option<&str>) -> Result<FilterFigures, Benc
     let held = held_records(&config.kafka, &topic)?;
     let raw = raw_consume(&config.kafka, &topic, held)?;
     let filtered = filter_through_broker(&config, &topic, &prefix, held)?;
+    let passthrough = through_broker(
+        Passthrough,
+        Arc::new(ManualClock::new(start())),
+        &config,
+        &topic,
+        &prefix,
+        held,
+    )?;
     Ok(FilterFigures {
         records,
         broker_records: held,
@@ -310,6 +349,7 @@ pub fn filter(records: u64, brokers: Option<&str>) -> Result<FilterFigures, Benc
         broker: broker_name,
         raw_consume_records_per_s: raw.round(),
         filter_records_per_s: filtered.round(),
+        passthrough_records_per_s: passthrough.round(),
         ratio: (filtered / raw * 1000.0).round() / 1000.0,
     })
 }

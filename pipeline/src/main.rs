@@ -829,9 +829,11 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Bench {
             what: BenchWhat::Filter { records },
         } => {
-            let figures =
-                tokio::task::spawn_blocking(move || bench::filter(records, cli.brokers.as_deref()))
-                    .await??;
+            let config = load_config(&cli)?;
+            let figures = tokio::task::spawn_blocking(move || {
+                bench::filter(&config, records, cli.brokers.as_deref())
+            })
+            .await??;
             println!("filter benchmark, {} records, one core", figures.records);
             println!(
                 "  in-process JSON  decode+filter+encode  {:>12.0} records/s",
@@ -852,6 +854,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
             println!(
                 "  filter stage through the runner        {:>12.0} records/s",
                 figures.filter_records_per_s
+            );
+            println!(
+                "  pass-through stage through the runner  {:>12.0} records/s",
+                figures.passthrough_records_per_s
             );
             println!(
                 "  filter / raw consume                   {:>12.3}",

@@ -1,10 +1,12 @@
 //! The one place that wires a stage to Kafka.
 //!
 //! At-least-once, pipelined: records are processed and their outputs produced as they
-//! arrive; a partition's offset is stored for commit only once every output of every record
-//! before it has been acknowledged by the broker (failures are re-sent with back-off). Waiting
-//! for a flush per batch instead cost ~100 ms a batch and capped the stage at ~18k records/s. A crash at any point re-reads uncommitted input; output keys are
-//! deterministic, so a re-read overwrites rather than duplicates downstream state.
+//! arrive; a partition's offset is stored for commit only once every output of its batch and
+//! of every batch before it has been acknowledged by the broker (failures are re-sent with
+//! back-off). Waiting for a flush per batch instead cost ~100 ms a batch and capped the stage
+//! at ~18k records/s; tracking each record on its own cost an allocation and two maps per
+//! record. A crash at any point re-reads uncommitted input; output keys are deterministic, so
+//! a re-read overwrites rather than duplicates downstream state.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -248,14 +250,48 @@ impl ConsumerContext for ConsumerCtx {
     }
 }
 
-/// The outputs of one input record still waiting for the broker, and what they were, so the
-/// metrics count a record only once all of its outputs are acknowledged.
+/// How many outputs of one batch (or one transaction) the broker has yet to acknowledge.
 #[derive(Debug, Default)]
 struct Tracker {
     remaining: AtomicUsize,
+}
+
+/// What a batch emitted, by output and by dead-letter reason, for the metrics.
+#[derive(Debug, Default)]
+struct Tally {
     outputs: BTreeMap<&'static str, u64>,
     reasons: BTreeMap<&'static str, u64>,
-    kafka_ts_ms: Option<i64>,
+}
+
+impl Tally {
+    fn add(&mut self, other: &Tally) {
+        for (k, n) in &other.outputs {
+            *self.outputs.entry(k).or_default() += n;
+        }
+        for (k, n) in &other.reasons {
+            *self.reasons.entry(k).or_default() += n;
+        }
+    }
+}
+
+/// The topic of each of a stage's outputs and its dead-letter topic, shared by every record
+/// sent there rather than copied into each.
+struct Topics {
+    outputs: HashMap<&'static str, Arc<str>>,
+    dead_letter: Arc<str>,
+}
+
+impl Topics {
+    fn new(ctx: &RunContext) -> Self {
+        Self {
+            outputs: ctx
+                .outputs
+                .iter()
+                .map(|(k, v)| (*k, Arc::from(v.as_str())))
+                .collect(),
+            dead_letter: Arc::from(ctx.dead_letter_topic.as_str()),
+        }
+    }
 }
 
 /// A failed delivery, owned so it can be re-sent.
@@ -290,7 +326,7 @@ impl ProducerContext for DeliveryCtx {
                     })
                     .unwrap_or_default();
                 let record = Outgoing {
-                    topic: msg.topic().to_string(),
+                    topic: msg.topic().into(),
                     key: msg.key().map(<[u8]>::to_vec),
                     payload: msg.payload().map(<[u8]>::to_vec),
                     headers,
@@ -309,7 +345,7 @@ impl ProducerContext for DeliveryCtx {
 
 /// One record to produce, owned so it can be re-sent.
 struct Outgoing {
-    topic: String,
+    topic: Arc<str>,
     key: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
     headers: Vec<(String, Vec<u8>)>,
@@ -326,9 +362,9 @@ pub(crate) fn dead_letter_headers(stage: &str, dl: &DeadLetter) -> Vec<(String, 
     headers
 }
 
-fn dead_letter_record(stage: &str, topic: &str, dl: DeadLetter) -> Outgoing {
+fn dead_letter_record(stage: &str, topic: &Arc<str>, dl: DeadLetter) -> Outgoing {
     Outgoing {
-        topic: topic.to_string(),
+        topic: topic.clone(),
         headers: dead_letter_headers(stage, &dl),
         key: dl.key,
         payload: dl.payload,
@@ -351,7 +387,10 @@ pub(crate) fn owned_headers(headers: &[(String, Vec<u8>)]) -> OwnedHeaders {
 /// Enqueues one record, waiting (and serving delivery reports) while librdkafka's queue is full.
 fn send(producer: &BaseProducer<DeliveryCtx>, r: &Outgoing, tracker: &Arc<Tracker>) {
     let mut rec: BaseRecord<'_, [u8], [u8], Arc<Tracker>> =
-        BaseRecord::with_opaque_to(&r.topic, tracker.clone()).headers(owned_headers(&r.headers));
+        BaseRecord::with_opaque_to(&r.topic, tracker.clone());
+    if !r.headers.is_empty() {
+        rec = rec.headers(owned_headers(&r.headers));
+    }
     if let Some(k) = &r.key {
         rec = rec.key(k.as_slice());
     }
@@ -387,12 +426,6 @@ fn send(producer: &BaseProducer<DeliveryCtx>, r: &Outgoing, tracker: &Arc<Tracke
     }
 }
 
-/// One consumed record waiting for its outputs, and the stage's checkpoint after it.
-type Entry = (i64, Arc<Tracker>, Option<Checkpoint>);
-
-/// Records of one partition waiting for their outputs, in consumption order.
-type Waiting = VecDeque<Entry>;
-
 /// The commit position of one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Position {
@@ -422,70 +455,156 @@ impl Position {
     }
 }
 
+/// The input records of one round of the loop and every output they (and the stage's
+/// `on_time` and `flush` in that round) caused. Its offsets may be committed once the broker
+/// has acknowledged all of those outputs and those of every batch before it.
+struct Batch {
+    /// Counts the batch itself until it is sealed, so it cannot look done while records
+    /// are still being added.
+    tracker: Arc<Tracker>,
+    tally: Tally,
+    /// Input records read.
+    records: usize,
+    /// Where each partition read in this batch stands after it.
+    positions: Vec<Position>,
+    /// The Kafka timestamps of the input records, for the latency histogram.
+    timestamps: Vec<i64>,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Self {
+            tracker: Arc::new(Tracker {
+                remaining: AtomicUsize::new(1),
+            }),
+            tally: Tally::default(),
+            records: 0,
+            positions: Vec::new(),
+            timestamps: Vec::new(),
+        }
+    }
+
+    /// Sends `records` as outputs of this batch, leaving the vector empty for reuse.
+    fn send(&mut self, producer: &BaseProducer<DeliveryCtx>, records: &mut Vec<Outgoing>) {
+        self.tracker
+            .remaining
+            .fetch_add(records.len(), Ordering::AcqRel);
+        for r in records.drain(..) {
+            send(producer, &r, &self.tracker);
+        }
+    }
+
+    /// Notes that the record at `offset` of `topic`/`partition` was processed.
+    fn consumed(&mut self, topic: &str, partition: i32, offset: i64, kafka_ts_ms: Option<i64>) {
+        self.records += 1;
+        if let Some(ts) = kafka_ts_ms {
+            self.timestamps.push(ts);
+        }
+        match self
+            .positions
+            .iter_mut()
+            .find(|p| p.partition == partition && p.topic == topic)
+        {
+            Some(p) => p.next = offset + 1,
+            None => self.positions.push(Position {
+                topic: topic.to_string(),
+                partition,
+                next: offset + 1,
+                checkpoint: None,
+            }),
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        self.tracker.remaining.load(Ordering::Acquire) == 0
+    }
+}
+
 /// What one `advance` released.
 #[derive(Default)]
 struct Advanced {
     /// The new position of each partition that moved.
     offsets: Vec<Position>,
-    /// Trackers of the records now fully acknowledged.
-    done: Vec<Arc<Tracker>>,
+    /// Input records now fully acknowledged.
+    records: u64,
+    /// What they emitted.
+    tally: Tally,
+    /// Their Kafka timestamps.
+    timestamps: Vec<i64>,
 }
 
-/// Offsets consumed but not yet safe to commit, per partition, in consumption order.
-#[derive(Default)]
+/// Batches consumed but not yet safe to commit, oldest first, and the one being filled.
 struct Pending {
-    partitions: HashMap<(String, i32), Waiting>,
+    sealed: VecDeque<Batch>,
+    open: Batch,
+    /// Input records in all of them.
     count: usize,
 }
 
+impl Default for Pending {
+    fn default() -> Self {
+        Self {
+            sealed: VecDeque::new(),
+            open: Batch::new(),
+            count: 0,
+        }
+    }
+}
+
 impl Pending {
-    fn push(
-        &mut self,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-        tracker: Arc<Tracker>,
-        checkpoint: Option<Checkpoint>,
-    ) {
-        self.partitions
-            .entry((topic.to_string(), partition))
-            .or_default()
-            .push_back((offset, tracker, checkpoint));
+    /// Notes a processed record in the open batch.
+    fn consumed(&mut self, topic: &str, partition: i32, offset: i64, kafka_ts_ms: Option<i64>) {
+        self.open.consumed(topic, partition, offset, kafka_ts_ms);
         self.count += 1;
+    }
+
+    /// Closes the open batch: nothing more is added to it, and it is done once its outputs
+    /// are. A batch that read and sent nothing is kept open instead.
+    fn seal(&mut self) {
+        if self.open.records == 0 && self.open.tracker.remaining.load(Ordering::Acquire) == 1 {
+            return;
+        }
+        let batch = std::mem::replace(&mut self.open, Batch::new());
+        batch.tracker.remaining.fetch_sub(1, Ordering::AcqRel);
+        self.sealed.push_back(batch);
     }
 
     /// Forgets a revoked partition: its records are the new owner's to re-read.
     fn drop_partition(&mut self, topic: &str, partition: i32) {
-        if let Some(q) = self.partitions.remove(&(topic.to_string(), partition)) {
-            self.count -= q.len();
+        for batch in self
+            .sealed
+            .iter_mut()
+            .chain(std::iter::once(&mut self.open))
+        {
+            batch
+                .positions
+                .retain(|p| !(p.partition == partition && p.topic == topic));
         }
     }
 
-    /// Pops every fully delivered prefix: the next offset to commit per partition, and the
-    /// trackers of the records now done.
+    /// Pops every fully acknowledged batch at the front: the next offset to commit per
+    /// partition and what those batches read and emitted.
     fn advance(&mut self) -> Advanced {
         let mut out = Advanced::default();
-        for ((topic, partition), queue) in &mut self.partitions {
-            let mut next = None;
-            while queue
-                .front()
-                .is_some_and(|(_, t, _)| t.remaining.load(Ordering::Acquire) == 0)
-            {
-                if let Some((offset, t, checkpoint)) = queue.pop_front() {
-                    next = Some((offset + 1, checkpoint));
-                    out.done.push(t);
+        while self.sealed.front().is_some_and(Batch::is_done) {
+            let Some(batch) = self.sealed.pop_front() else {
+                break;
+            };
+            for position in batch.positions {
+                match out
+                    .offsets
+                    .iter_mut()
+                    .find(|p| p.partition == position.partition && p.topic == position.topic)
+                {
+                    Some(p) => *p = position,
+                    None => out.offsets.push(position),
                 }
             }
-            if let Some((next, checkpoint)) = next {
-                out.offsets.push(Position {
-                    topic: topic.clone(),
-                    partition: *partition,
-                    next,
-                    checkpoint,
-                });
-            }
+            out.records += batch.records as u64;
+            out.tally.add(&batch.tally);
+            out.timestamps.extend(batch.timestamps);
+            self.count -= batch.records;
         }
-        self.count -= out.done.len();
         out
     }
 }
@@ -531,6 +650,11 @@ fn subscribed(
 ) -> Result<BaseConsumer<ConsumerCtx>, RunnerError> {
     set_default(&mut cc, "auto.offset.reset", "earliest");
     set_default(&mut cc, "statistics.interval.ms", "5000");
+    set_default(
+        &mut cc,
+        "fetch.queue.backoff.ms",
+        &ctx.settings.fetch_queue_backoff.as_millis().to_string(),
+    );
     if let Some(wait) = ctx.settings.fetch_wait {
         set_default(&mut cc, "fetch.wait.max.ms", &wait.as_millis().to_string());
     }
@@ -573,21 +697,21 @@ pub fn run<S: Stage>(mut stage: S, ctx: RunContext) -> Result<RunSummary, Runner
     let label = StageLabel {
         stage: name.to_string(),
     };
+    let topics = Topics::new(&ctx);
     let mut loop_state = Loop {
         summary: RunSummary::default(),
         pending: Pending::default(),
         backoff: ctx.settings.retry_backoff,
     };
     let mut emitter = Emitter::new();
+    let mut records = Vec::new();
     while !ctx.shutdown.load(Ordering::Relaxed) {
-        // Outputs a stage emits on time alone (window close, model schedule) belong to no
-        // input record: their tracker holds no offset back.
+        // Outputs a stage emits on time alone (window close, model schedule) join the batch.
         stage.on_time(ctx.clock.now(), &mut emitter);
         if !emitter.is_empty() {
-            let (tracker, records) = collect(name, &ctx, &mut emitter, None)?;
-            for r in &records {
-                send(&producer, r, &tracker);
-            }
+            let open = &mut loop_state.pending.open;
+            collect(name, &topics, &mut emitter, &mut open.tally, &mut records)?;
+            open.send(&producer, &mut records);
         }
         let started = Instant::now();
         let mut consumed = 0usize;
@@ -639,28 +763,29 @@ pub fn run<S: Stage>(mut stage: S, ctx: RunContext) -> Result<RunSummary, Runner
                 },
             };
             stage.process(&input, &mut emitter);
-            let (tracker, records) =
-                collect(name, &ctx, &mut emitter, msg.timestamp().to_millis())?;
-            for r in &records {
-                send(&producer, r, &tracker);
-            }
-            let checkpoint = stage.checkpoint(msg.partition());
-            loop_state.pending.push(
+            let open = &mut loop_state.pending.open;
+            collect(name, &topics, &mut emitter, &mut open.tally, &mut records)?;
+            open.send(&producer, &mut records);
+            loop_state.pending.consumed(
                 msg.topic(),
                 msg.partition(),
                 msg.offset(),
-                tracker,
-                checkpoint,
+                msg.timestamp().to_millis(),
             );
             consumed += 1;
         }
+        // Each partition's checkpoint as of its last record in the batch (a stage's state of
+        // one partition does not change with another's records), taken before `flush`.
+        for position in &mut loop_state.pending.open.positions {
+            position.checkpoint = stage.checkpoint(position.partition);
+        }
         stage.flush(&mut emitter);
         if !emitter.is_empty() {
-            let (tracker, records) = collect(name, &ctx, &mut emitter, None)?;
-            for r in &records {
-                send(&producer, r, &tracker);
-            }
+            let open = &mut loop_state.pending.open;
+            collect(name, &topics, &mut emitter, &mut open.tally, &mut records)?;
+            open.send(&producer, &mut records);
         }
+        loop_state.pending.seal();
         producer.poll(Duration::ZERO);
         loop_state.settle(&consumer, &producer, &ctx, &label);
         if consumed > 0 {
@@ -840,19 +965,16 @@ fn commit(consumer: &BaseConsumer<ConsumerCtx>, stage: &str) {
     }
 }
 
-/// Turns what the stage emitted into records to produce and the tracker that follows them.
+/// Turns what the stage emitted into records to produce (appended to `records`), counting
+/// them in `tally`.
 fn collect(
     stage: &'static str,
-    ctx: &RunContext,
+    topics: &Topics,
     emitter: &mut Emitter,
-    kafka_ts_ms: Option<i64>,
-) -> Result<(Arc<Tracker>, Vec<Outgoing>), RunnerError> {
+    tally: &mut Tally,
+    records: &mut Vec<Outgoing>,
+) -> Result<(), RunnerError> {
     let (outputs, dead_letters) = emitter.drain();
-    let mut tracker = Tracker {
-        kafka_ts_ms,
-        ..Tracker::default()
-    };
-    let mut records = Vec::with_capacity(outputs.len() + dead_letters.len());
     for Output {
         output,
         key,
@@ -860,11 +982,11 @@ fn collect(
         headers,
     } in outputs
     {
-        let topic = ctx
+        let topic = topics
             .outputs
             .get(output)
             .ok_or_else(|| RunnerError::UnknownOutput(output.to_string()))?;
-        *tracker.outputs.entry(output).or_default() += 1;
+        *tally.outputs.entry(output).or_default() += 1;
         records.push(Outgoing {
             topic: topic.clone(),
             key: Some(key),
@@ -873,11 +995,10 @@ fn collect(
         });
     }
     for dl in dead_letters {
-        *tracker.reasons.entry(dl.reason).or_default() += 1;
-        records.push(dead_letter_record(stage, &ctx.dead_letter_topic, dl));
+        *tally.reasons.entry(dl.reason).or_default() += 1;
+        records.push(dead_letter_record(stage, &topics.dead_letter, dl));
     }
-    tracker.remaining = AtomicUsize::new(records.len());
-    Ok((Arc::new(tracker), records))
+    Ok(())
 }
 
 /// The loop's bookkeeping between polls.
@@ -917,7 +1038,12 @@ impl Loop {
         } else {
             self.backoff = ctx.settings.retry_backoff;
         }
-        let Advanced { offsets, done } = self.pending.advance();
+        let Advanced {
+            offsets,
+            records,
+            tally,
+            timestamps,
+        } = self.pending.advance();
         if !offsets.is_empty() {
             let mut tpl = TopicPartitionList::new();
             for position in &offsets {
@@ -936,31 +1062,20 @@ impl Loop {
                 debug!(stage = %label.stage, error = %e, "offsets not stored (partition revoked?)");
             }
         }
-        if done.is_empty() {
+        if records == 0 && tally.outputs.is_empty() && tally.reasons.is_empty() {
             return;
         }
-        let mut outputs: BTreeMap<&'static str, u64> = BTreeMap::new();
-        let mut reasons: BTreeMap<&'static str, u64> = BTreeMap::new();
         let now_ms = ctx.clock.now().timestamp_millis();
         let latency = ctx.metrics.record_latency_seconds.get_or_create(label);
-        for t in &done {
-            for (k, n) in &t.outputs {
-                *outputs.entry(k).or_default() += n;
-            }
-            for (k, n) in &t.reasons {
-                *reasons.entry(k).or_default() += n;
-            }
-            if let Some(ts) = t.kafka_ts_ms {
-                #[allow(clippy::cast_precision_loss)]
-                latency.observe((now_ms - ts).max(0) as f64 / 1000.0);
-            }
+        for ts in timestamps {
+            #[allow(clippy::cast_precision_loss)]
+            latency.observe((now_ms - ts).max(0) as f64 / 1000.0);
         }
-        let consumed = done.len() as u64;
-        self.summary.consumed += consumed;
-        self.summary.emitted += outputs.values().sum::<u64>();
-        self.summary.dead_lettered += reasons.values().sum::<u64>();
+        self.summary.consumed += records;
+        self.summary.emitted += tally.outputs.values().sum::<u64>();
+        self.summary.dead_lettered += tally.reasons.values().sum::<u64>();
         ctx.metrics
-            .record_batch(&label.stage, consumed, &outputs, &reasons);
+            .record_batch(&label.stage, records, &tally.outputs, &tally.reasons);
     }
 }
 
@@ -1047,43 +1162,81 @@ fn register_outputs(avro: &AvroSupport, ctx: &RunContext, stage: &str, insist: b
 mod tests {
     use super::*;
 
-    fn tracker(remaining: usize) -> Arc<Tracker> {
-        Arc::new(Tracker {
-            remaining: AtomicUsize::new(remaining),
-            ..Tracker::default()
-        })
-    }
-
-    #[test]
-    fn offsets_advance_only_over_a_fully_acknowledged_prefix() {
-        let mut p = Pending::default();
-        let (a, b, c) = (tracker(1), tracker(2), tracker(0));
-        p.push("raw", 0, 10, a.clone(), None);
-        p.push("raw", 0, 11, b.clone(), None);
-        p.push("raw", 0, 12, c, None);
-        p.push("raw", 1, 5, tracker(0), None);
-        let first = p.advance();
-        let at = |partition: i32, next: i64| Position {
+    fn position(partition: i32, next: i64) -> Position {
+        Position {
             topic: "raw".into(),
             partition,
             next,
             checkpoint: None,
-        };
-        assert_eq!(
-            first.offsets,
-            vec![at(1, 6)],
-            "partition 0 waits for offset 10"
+        }
+    }
+
+    /// A sealed batch of `records` records of `partition` from `first`, with `outputs`
+    /// outputs still unacknowledged; returns its tracker.
+    fn batch(
+        p: &mut Pending,
+        partition: i32,
+        first: i64,
+        records: i64,
+        outputs: usize,
+    ) -> Arc<Tracker> {
+        for offset in first..first + records {
+            p.consumed("raw", partition, offset, Some(offset));
+        }
+        p.open
+            .tracker
+            .remaining
+            .fetch_add(outputs, Ordering::AcqRel);
+        let tracker = p.open.tracker.clone();
+        p.seal();
+        tracker
+    }
+
+    #[test]
+    fn offsets_advance_only_over_fully_acknowledged_batches_in_order() {
+        let mut p = Pending::default();
+        let a = batch(&mut p, 0, 10, 2, 1);
+        let b = batch(&mut p, 0, 12, 1, 2);
+        let c = batch(&mut p, 1, 5, 1, 0);
+        assert!(
+            p.advance().offsets.is_empty(),
+            "the first batch waits for its output"
         );
-        assert_eq!(p.count, 3);
+        assert_eq!(p.count, 4);
         b.remaining.store(0, Ordering::Release);
         assert!(
             p.advance().offsets.is_empty(),
-            "11 and 12 are done, but 10 is not"
+            "later batches are done, but the first is not"
         );
-        a.remaining.store(0, Ordering::Release);
+        a.remaining.fetch_sub(1, Ordering::AcqRel);
         let last = p.advance();
-        assert_eq!(last.offsets, vec![at(0, 13)]);
-        assert_eq!(last.done.len(), 3);
+        assert_eq!(last.offsets, vec![position(0, 13), position(1, 6)]);
+        assert_eq!(last.records, 4);
+        assert_eq!(last.timestamps, vec![10, 11, 12, 5]);
+        assert_eq!(p.count, 0);
+        assert_eq!(c.remaining.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn an_open_batch_is_never_done_and_an_empty_one_is_not_sealed() {
+        let mut p = Pending::default();
+        p.seal();
+        assert!(p.sealed.is_empty());
+        p.consumed("raw", 0, 1, None);
+        assert!(!p.open.is_done(), "records are still being added");
+        p.seal();
+        assert_eq!(p.advance().offsets, vec![position(0, 2)]);
+    }
+
+    #[test]
+    fn a_revoked_partition_is_never_committed_by_this_owner() {
+        let mut p = Pending::default();
+        batch(&mut p, 0, 0, 3, 0);
+        p.consumed("raw", 0, 3, None);
+        p.consumed("raw", 1, 7, None);
+        p.drop_partition("raw", 0);
+        p.seal();
+        assert_eq!(p.advance().offsets, vec![position(1, 8)]);
         assert_eq!(p.count, 0);
     }
 

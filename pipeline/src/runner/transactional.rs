@@ -9,6 +9,8 @@
 //! Only a fenced producer (another instance took over our transactional id) stops the run.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -20,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     client_config, collect, handle_rebalances, read_state, send, ConsumerCtx, DeliveryCtx, Pending,
-    RunContext, RunSummary, RunnerError,
+    RunContext, RunSummary, RunnerError, Tally, Topics, Tracker,
 };
 use crate::metrics::StageLabel;
 use crate::stage::{Emitter, Input, Source, Stage};
@@ -68,6 +70,7 @@ pub fn run_transactional<S: Stage>(
     };
     let mut summary = RunSummary::default();
     let mut pending = Pending::default();
+    let topics = Topics::new(&ctx);
     let mut emitter = Emitter::new();
     let mut backoff = ctx.settings.retry_backoff;
     let mut committed = 0u64;
@@ -120,7 +123,12 @@ pub fn run_transactional<S: Stage>(
             next.insert((m.topic().to_string(), m.partition()), m.offset() + 1);
         }
         stage.flush(&mut emitter);
-        let (tracker, records) = collect(name, &ctx, &mut emitter, None)?;
+        let mut tally = Tally::default();
+        let mut records = Vec::new();
+        collect(name, &topics, &mut emitter, &mut tally, &mut records)?;
+        let tracker = Arc::new(Tracker {
+            remaining: AtomicUsize::new(records.len()),
+        });
         let result = (|| -> Result<(), Step> {
             producer.begin_transaction()?;
             for r in &records {
@@ -162,7 +170,7 @@ pub fn run_transactional<S: Stage>(
                 );
                 backoff = ctx.settings.retry_backoff;
                 let consumed = batch.len() as u64;
-                let (outputs, reasons) = (&tracker.outputs, &tracker.reasons);
+                let (outputs, reasons) = (&tally.outputs, &tally.reasons);
                 summary.consumed += consumed;
                 summary.emitted += outputs.values().sum::<u64>();
                 summary.dead_lettered += reasons.values().sum::<u64>();
