@@ -4,12 +4,12 @@
 //! fault: size, framing, decoding, required fields, value, time, and only then the outlier
 //! test, whose state must see nothing but plausible samples.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use chrono_tz::Tz;
 use ebb_udf_core::Anonymizer;
+use foldhash::{HashMap, HashMapExt};
 
 use super::config::{FilterConfig, IpMode};
 use super::outliers::{OutlierDetector, Verdict};
