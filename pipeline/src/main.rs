@@ -11,6 +11,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing::info;
 
 use ebb::clock::{Clock, SystemClock};
+
+/// Stages allocate and free a few small strings per record while librdkafka's threads
+/// allocate what they fetch: with mimalloc instead of glibc's malloc, `ebb bench filter` did
+/// 415k rather than 360k records/s in-process and 220k rather than 190k through Kafka.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ebb::config::Config;
 use ebb::demo::generator::{Generator, WireFormat};
 use ebb::demo::{self, Pace, ProduceCounts, ProduceJob};
