@@ -43,6 +43,8 @@ pub struct WindowFigures {
     pub duckdb_records_per_s: Option<f64>,
     /// ebb / DuckDB.
     pub ratio: Option<f64>,
+    /// Series the memory figures were measured over (at least [`MEMORY_SERIES`]).
+    pub memory_series: u64,
     /// Resident memory per open series beyond the buffered samples' own bytes.
     pub bytes_per_open_series: f64,
     /// Bytes per buffered sample (Arrow builders).
@@ -110,6 +112,11 @@ fn data(series: u64, records: u64) -> Result<RecordBatch, WindowBenchError> {
     Ok(RecordBatch::try_new(schema, columns)?)
 }
 
+/// The fewest series memory is measured over. RSS grows in the allocator's steps (mimalloc
+/// commits up to 4 MiB at a time), which over 10,000 series read as ±400 B a series, over
+/// 100,000 as ±40 B.
+pub const MEMORY_SERIES: u64 = 100_000;
+
 fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
@@ -127,7 +134,8 @@ pub fn window(
     python: Option<&Path>,
 ) -> Result<WindowFigures, WindowBenchError> {
     // First, while the heap is fresh: freed memory reused later would hide the growth.
-    let (bytes_per_open_series, bytes_per_buffered_record) = open_series_memory(series)?;
+    let memory_series = series.max(MEMORY_SERIES);
+    let (bytes_per_open_series, bytes_per_buffered_record) = open_series_memory(memory_series)?;
     let batch = data(series, records)?;
     let rows = batch.num_rows();
     let (Some(service), Some(metric), Some(instance), Some(value), Some(ts)) = (
@@ -198,6 +206,7 @@ pub fn window(
         ebb_records_per_s: ebb_rate,
         duckdb_records_per_s: duckdb,
         ratio: duckdb.map(|d| ebb_rate / d),
+        memory_series,
         bytes_per_open_series,
         bytes_per_buffered_record,
         duckdb_error,
@@ -213,6 +222,7 @@ fn empty(series: u64) -> WindowFigures {
         ebb_records_per_s: 0.0,
         duckdb_records_per_s: None,
         ratio: None,
+        memory_series: 0,
         bytes_per_open_series: 0.0,
         bytes_per_buffered_record: 0.0,
         duckdb_error: None,

@@ -671,8 +671,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 ),
             }
             println!(
-                "  memory per open series beyond buffered samples    {:>12.0} bytes",
-                f.bytes_per_open_series
+                "  memory per open series beyond buffered samples    {:>12.0} bytes  (over {} series)",
+                f.bytes_per_open_series, f.memory_series
             );
             println!(
                 "  memory per buffered sample                        {:>12.0} bytes",
