@@ -1,6 +1,8 @@
 //! The Avro schemas in `schemas/`, and `ebb schemas register`.
 
-use crate::codec::avro::{AGGREGATES_KEY, AGGREGATES_SCHEMA, CLEAN_KEY, CLEAN_SCHEMA, RAW_SCHEMA};
+use crate::codec::avro::{
+    EventSchema, AGGREGATES_KEY, AGGREGATES_SCHEMA, CLEAN_KEY, CLEAN_SCHEMA, RAW_SCHEMA,
+};
 use crate::codec::registry::{Registry, RegistryError};
 use crate::config::TopicsConfig;
 use crate::runner::OutputSchema;
@@ -38,7 +40,43 @@ pub fn topic_schemas(topics: &TopicsConfig) -> Vec<TopicSchema> {
             topic: topics.name(&topics.aggregates),
             schema: AGGREGATES_SCHEMA,
         },
+        TopicSchema {
+            topic: topics.name(&topics.anomalies),
+            schema: EventSchema::Anomalies.text(),
+        },
+        TopicSchema {
+            topic: topics.name(&topics.forecasts),
+            schema: EventSchema::Forecasts.text(),
+        },
+        TopicSchema {
+            topic: topics.name(&topics.commands),
+            schema: EventSchema::Commands.text(),
+        },
     ]
+}
+
+fn event_output(kind: EventSchema, topic: String) -> OutputSchema {
+    OutputSchema {
+        key: kind.key(),
+        subject: format!("{topic}-value"),
+        schema: kind.text(),
+    }
+}
+
+/// The models stage's output schemas (anomalies, forecasts), for the runner to register.
+pub fn models_outputs(topics: &TopicsConfig) -> Vec<OutputSchema> {
+    vec![
+        event_output(EventSchema::Anomalies, topics.name(&topics.anomalies)),
+        event_output(EventSchema::Forecasts, topics.name(&topics.forecasts)),
+    ]
+}
+
+/// The decide stage's output schema (commands), for the runner to register.
+pub fn decide_outputs(topics: &TopicsConfig) -> Vec<OutputSchema> {
+    vec![event_output(
+        EventSchema::Commands,
+        topics.name(&topics.commands),
+    )]
 }
 
 /// The window stage's output schema, for the runner to register.
@@ -107,6 +145,10 @@ mod tests {
         for text in [
             RAW_SCHEMA,
             CLEAN_SCHEMA,
+            AGGREGATES_SCHEMA,
+            EventSchema::Anomalies.text(),
+            EventSchema::Forecasts.text(),
+            EventSchema::Commands.text(),
             include_str!("../../schemas/telemetry.dead-letter.avsc"),
         ] {
             assert!(apache_avro::Schema::parse_str(text).is_ok(), "{text}");
@@ -128,7 +170,10 @@ mod tests {
             vec![
                 "x.telemetry.raw-value",
                 "x.telemetry.clean-value",
-                "x.aggregates-value"
+                "x.aggregates-value",
+                "x.anomalies-value",
+                "x.forecasts-value",
+                "x.commands-value"
             ]
         );
     }

@@ -306,6 +306,53 @@ struct CleanAvro<'a> {
     labels: &'a BTreeMap<String, String>,
 }
 
+/// A datum's bytes that remember whether decoding asked for more than there was.
+///
+/// apache-avro reads a string, boolean or union cut off by the end of the input as null
+/// rather than failing, so a truncated record would otherwise decode "successfully" with
+/// its last fields gone. A whole datum never reads past its own end.
+struct Datum<'a> {
+    rest: &'a [u8],
+    overran: bool,
+}
+
+impl std::io::Read for Datum<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if !buf.is_empty() && self.rest.is_empty() {
+            self.overran = true;
+        }
+        std::io::Read::read(&mut self.rest, buf)
+    }
+}
+
+/// Runs `read` over the datum after the Confluent frame and accepts its result only if it
+/// used exactly the datum's bytes.
+fn whole<T>(
+    payload: &[u8],
+    read: impl FnOnce(&mut Datum<'_>) -> apache_avro::AvroResult<T>,
+) -> Result<T, DecodeError> {
+    let malformed = |detail: String| DecodeError::Malformed {
+        format: "avro",
+        detail,
+    };
+    let mut datum = Datum {
+        rest: payload.get(5..).unwrap_or_default(),
+        overran: false,
+    };
+    let value = read(&mut datum).map_err(|e| malformed(e.to_string()));
+    if datum.overran {
+        return Err(malformed("the datum ends early (truncated)".into()));
+    }
+    let value = value?;
+    if !datum.rest.is_empty() {
+        return Err(malformed(format!(
+            "{} trailing bytes after the datum",
+            datum.rest.len()
+        )));
+    }
+    Ok(value)
+}
+
 impl AvroCodec {
     /// The writer schema a Confluent-framed payload names.
     fn writer(&self, payload: &[u8]) -> Result<Arc<Entry>, DecodeError> {
@@ -331,27 +378,10 @@ impl AvroCodec {
         // Fast path: straight into the sample, no Value tree. Anything it refuses (a type
         // mismatch, an evolved schema it cannot map) is decoded again through Value, which
         // accepts every compatible shape and words the error a dead letter carries.
-        let mut fast = &payload[5..];
-        if let Ok(raw) = entry.reader.read_deser::<RawAvro>(&mut fast) {
-            if fast.is_empty() {
-                return Ok(raw.into_sample());
-            }
+        if let Ok(raw) = whole(payload, |d| entry.reader.read_deser::<RawAvro>(d)) {
+            return Ok(raw.into_sample());
         }
-        let mut body = &payload[5..];
-        let value = entry
-            .reader
-            .read_value(&mut body)
-            .map_err(|e| DecodeError::Malformed {
-                format: "avro",
-                detail: e.to_string(),
-            })?;
-        if !body.is_empty() {
-            return Err(DecodeError::Malformed {
-                format: "avro",
-                detail: format!("{} trailing bytes after the datum", body.len()),
-            });
-        }
-        to_sample(value)
+        to_sample(whole(payload, |d| entry.reader.read_value(d))?)
     }
 
     /// Encodes a clean sample under the registered clean schema.
@@ -401,14 +431,7 @@ impl AvroCodec {
     /// Reads a Confluent-framed record straight into `T` under its writer schema.
     fn read<T: serde::de::DeserializeOwned>(&self, payload: &[u8]) -> Result<T, DecodeError> {
         let entry = self.writer(payload)?;
-        let mut body = &payload[5..];
-        entry
-            .reader
-            .read_deser(&mut body)
-            .map_err(|e| DecodeError::Malformed {
-                format: "avro",
-                detail: e.to_string(),
-            })
+        whole(payload, |d| entry.reader.read_deser(d))
     }
 
     /// Decodes a Confluent-framed clean sample (what the filter writes).
@@ -488,6 +511,124 @@ impl serde::Serialize for AggregateAvro<'_> {
     }
 }
 
+/// The anomaly event schema (`schemas/anomalies.avsc`).
+pub const ANOMALIES_SCHEMA: &str = include_str!("../../../schemas/anomalies.avsc");
+/// The forecast event schema (`schemas/forecasts.avsc`).
+pub const FORECASTS_SCHEMA: &str = include_str!("../../../schemas/forecasts.avsc");
+/// The command schema (`schemas/commands.avsc`).
+pub const COMMANDS_SCHEMA: &str = include_str!("../../../schemas/commands.avsc");
+
+/// A record type that travels as the serde shape of a Rust struct and, in Avro, under one of
+/// `schemas/`: the models' and decide's outputs. Few per window, so they go through Avro's
+/// `Value` (validated against the schema on the way out) rather than a hand-written fast path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventSchema {
+    /// `anomalies`.
+    Anomalies,
+    /// `forecasts`.
+    Forecasts,
+    /// `commands`.
+    Commands,
+}
+
+/// A shipped schema parsed once, with its writer.
+struct Compiled {
+    schema: &'static Schema,
+    writer: GenericDatumWriter<'static>,
+}
+
+impl Compiled {
+    fn new(text: &str) -> Result<Self, String> {
+        let schema = Schema::parse_str(text).map_err(|e| format!("schema does not parse: {e}"))?;
+        // One per event kind for the process's life: leaking it gives the writer its
+        // 'static borrow without a self-referential struct.
+        let schema: &'static Schema = Box::leak(Box::new(schema));
+        let writer = GenericDatumWriter::builder(schema)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self { schema, writer })
+    }
+}
+
+impl EventSchema {
+    /// The schema key the runner registers the schema's id under: the topic's base name.
+    pub fn key(self) -> &'static str {
+        match self {
+            EventSchema::Anomalies => "anomalies",
+            EventSchema::Forecasts => "forecasts",
+            EventSchema::Commands => "commands",
+        }
+    }
+
+    /// The schema text.
+    pub fn text(self) -> &'static str {
+        match self {
+            EventSchema::Anomalies => ANOMALIES_SCHEMA,
+            EventSchema::Forecasts => FORECASTS_SCHEMA,
+            EventSchema::Commands => COMMANDS_SCHEMA,
+        }
+    }
+
+    fn compiled(self) -> Result<&'static Compiled, String> {
+        static ANOMALIES: LazyLock<Result<Compiled, String>> =
+            LazyLock::new(|| Compiled::new(ANOMALIES_SCHEMA));
+        static FORECASTS: LazyLock<Result<Compiled, String>> =
+            LazyLock::new(|| Compiled::new(FORECASTS_SCHEMA));
+        static COMMANDS: LazyLock<Result<Compiled, String>> =
+            LazyLock::new(|| Compiled::new(COMMANDS_SCHEMA));
+        let cell = match self {
+            EventSchema::Anomalies => &ANOMALIES,
+            EventSchema::Forecasts => &FORECASTS,
+            EventSchema::Commands => &COMMANDS,
+        };
+        cell.as_ref()
+            .map_err(|e| format!("{} schema: {e}", self.key()))
+    }
+}
+
+impl AvroCodec {
+    /// Encodes `value` under `kind`'s registered schema, Confluent-framed.
+    pub fn encode_event<T: serde::Serialize>(
+        &self,
+        kind: EventSchema,
+        value: &T,
+    ) -> Result<Vec<u8>, EncodeError> {
+        let id = self
+            .schemas
+            .output_id(kind.key())
+            .ok_or(EncodeError::NoSchemaId(kind.key()))?;
+        let compiled = kind.compiled().map_err(EncodeError::Avro)?;
+        let value = apache_avro::to_value(value)
+            .and_then(|v| v.resolve(compiled.schema))
+            .map_err(|e| EncodeError::Avro(format!("{}: {e}", kind.key())))?;
+        let mut out = Vec::with_capacity(256);
+        out.push(CONFLUENT_MAGIC);
+        out.extend_from_slice(&id.to_be_bytes());
+        compiled
+            .writer
+            .write_value_ref(&mut out, &value)
+            .map_err(|e| EncodeError::Avro(format!("{}: {e}", kind.key())))?;
+        Ok(out)
+    }
+
+    /// Decodes a Confluent-framed `kind` record written under any schema the registry knows
+    /// that resolves to ours (fields added with defaults, reordered, and so on).
+    pub fn decode_event<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: EventSchema,
+        payload: &[u8],
+    ) -> Result<T, DecodeError> {
+        let entry = self.writer(payload)?;
+        let value = whole(payload, |d| entry.reader.read_value(d))?;
+        let compiled = kind.compiled().map_err(DecodeError::WrongType)?;
+        let value = value
+            .resolve(compiled.schema)
+            .map_err(|e| DecodeError::WrongType(format!("{}: {e}", kind.key())))?;
+        apache_avro::from_value(&value)
+            .map_err(|e| DecodeError::WrongType(format!("{}: {e}", kind.key())))
+    }
+}
+
 /// Encodes a raw sample under `schema_id` with the raw schema: what producers (the demo
 /// generator, tests) send.
 pub fn encode_raw(sample: &TelemetrySample, schema_id: u32) -> Result<Vec<u8>, EncodeError> {
@@ -534,6 +675,28 @@ pub fn encode_raw(sample: &TelemetrySample, schema_id: u32) -> Result<Vec<u8>, E
         .write_value_ref(&mut out, &value)
         .map_err(|e| EncodeError::Avro(e.to_string()))?;
     Ok(out)
+}
+
+/// A codec whose cache knows every shipped schema, as a registry would have numbered them:
+/// raw 1, clean 2, aggregates 3, anomalies 4, forecasts 5, commands 6; output ids set.
+#[cfg(test)]
+pub(crate) fn test_codec() -> AvroCodec {
+    let codec = AvroCodec::default();
+    let schemas: [(u32, &str, &str); 6] = [
+        (1, "telemetry.raw", RAW_SCHEMA),
+        (2, CLEAN_KEY, CLEAN_SCHEMA),
+        (3, AGGREGATES_KEY, AGGREGATES_SCHEMA),
+        (4, EventSchema::Anomalies.key(), ANOMALIES_SCHEMA),
+        (5, EventSchema::Forecasts.key(), FORECASTS_SCHEMA),
+        (6, EventSchema::Commands.key(), COMMANDS_SCHEMA),
+    ];
+    for (id, key, text) in schemas {
+        if let Err(e) = codec.schemas.insert(id, text) {
+            panic!("{e}");
+        }
+        codec.schemas.set_output_id(key, id);
+    }
+    codec
 }
 
 #[cfg(test)]
@@ -596,6 +759,41 @@ mod tests {
             codec.decode_sample(&[0, 0, 1]).map_err(|e| e.reason()),
             Err("malformed")
         );
+    }
+
+    #[test]
+    fn every_truncation_of_a_datum_is_malformed_never_read_as_nulls() {
+        let codec = test_codec();
+        let clean = CleanSample {
+            service: "api".into(),
+            instance: "abc".into(),
+            metric: "cpu".into(),
+            value: 0.5,
+            unit: Some("ratio".into()),
+            ts: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
+            labels: BTreeMap::from([("zone".into(), "a".into())]),
+        };
+        let Ok(bytes) = codec.encode_clean(&clean) else {
+            panic!("encodes")
+        };
+        assert_eq!(codec.decode_clean(&bytes).map(|c| c.unit), Ok(clean.unit));
+        for cut in 6..bytes.len() {
+            assert_eq!(
+                codec.decode_clean(&bytes[..cut]).map_err(|e| e.reason()),
+                Err("malformed"),
+                "cut at {cut}"
+            );
+        }
+        let raw_bytes = encode_raw(&raw(), 1).unwrap_or_default();
+        for cut in 6..raw_bytes.len() {
+            assert_eq!(
+                codec
+                    .decode_sample(&raw_bytes[..cut])
+                    .map_err(|e| e.reason()),
+                Err("malformed"),
+                "cut at {cut}"
+            );
+        }
     }
 
     #[test]

@@ -146,7 +146,9 @@ impl<'de> Deserialize<'de> for Labels {
     }
 }
 
-fn classify(err: &serde_json::Error) -> DecodeError {
+/// A serde_json error as a decode error: bad syntax is malformed, an absent field missing, any
+/// other bad shape a type error.
+pub(crate) fn classify(err: &serde_json::Error) -> DecodeError {
     use serde_json::error::Category;
     let msg = err.to_string();
     match err.classify() {

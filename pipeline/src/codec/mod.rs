@@ -10,15 +10,19 @@ pub mod registry;
 
 use crate::record::{CleanSample, TelemetrySample};
 
-pub use avro::{AvroCodec, SchemaCache};
+pub use avro::{AvroCodec, EventSchema, SchemaCache};
 
 /// The Confluent wire format's magic byte.
 pub const CONFLUENT_MAGIC: u8 = 0;
 
 /// A payload's format, told from its first byte.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     /// UTF-8 JSON object.
+    #[default]
     Json,
     /// Confluent-framed Avro datum.
     Avro,
@@ -155,6 +159,41 @@ pub fn encode_clean(
     }
 }
 
+/// Encodes one of the models' or decide's records in `format`; Avro falls back to JSON (with
+/// a warning) when its schema has no registry id yet, as aggregates do: a record late in a
+/// readable format beats a record lost.
+pub fn encode_event<T: serde::Serialize>(
+    value: &T,
+    kind: EventSchema,
+    format: Format,
+    avro: &AvroCodec,
+) -> Result<Vec<u8>, EncodeError> {
+    if format == Format::Avro {
+        match avro.encode_event(kind, value) {
+            Ok(p) => return Ok(p),
+            Err(e) => tracing::warn!(error = %e, "{} written as JSON", kind.key()),
+        }
+    }
+    Ok(serde_json::to_vec(value)?)
+}
+
+/// Decodes one of the models' or decide's records in whichever format it is in.
+pub fn decode_event<T: serde::de::DeserializeOwned>(
+    payload: &[u8],
+    kind: EventSchema,
+    avro: &AvroCodec,
+) -> Result<(Format, T), DecodeError> {
+    match Format::detect(payload) {
+        Some(Format::Json) => serde_json::from_slice(payload)
+            .map(|v| (Format::Json, v))
+            .map_err(|e| json::classify(&e)),
+        Some(Format::Avro) => avro.decode_event(kind, payload).map(|v| (Format::Avro, v)),
+        None => Err(DecodeError::UnknownFormat(
+            payload.first().copied().unwrap_or(0),
+        )),
+    }
+}
+
 /// Decodes a window aggregate (what the window stage writes) in whichever format it is in.
 pub fn decode_aggregate(
     payload: &[u8],
@@ -163,13 +202,7 @@ pub fn decode_aggregate(
     let format = Format::detect(payload)
         .ok_or_else(|| DecodeError::UnknownFormat(payload.first().copied().unwrap_or(0)))?;
     let wire: AggregateWire = match format {
-        Format::Json => serde_json::from_slice(payload).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => DecodeError::WrongType(e.to_string()),
-            _ => DecodeError::Malformed {
-                format: "json",
-                detail: e.to_string(),
-            },
-        })?,
+        Format::Json => serde_json::from_slice(payload).map_err(|e| json::classify(&e))?,
         Format::Avro => avro.read_aggregate(payload)?,
     };
     Ok((format, wire.into_aggregate()))

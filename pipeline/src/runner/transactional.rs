@@ -64,6 +64,9 @@ pub fn run_transactional<S: Stage>(
             }
         }
     }
+    if let Some(avro) = &ctx.avro {
+        super::register_outputs(avro, &ctx, name, false);
+    }
     info!(stage = name, group = %ctx.group_id, input = ?ctx.input_topics, transactional_id, "stage running (transactional)");
     let label = StageLabel {
         stage: name.to_string(),
@@ -99,6 +102,9 @@ pub fn run_transactional<S: Stage>(
         }
         let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
         for m in &batch {
+            if let (Some(avro), Some(p)) = (&ctx.avro, m.payload()) {
+                super::ensure_schema(avro, &ctx, name, p);
+            }
             let headers: Vec<(&str, &[u8])> = m
                 .headers()
                 .map(|h| {
