@@ -894,8 +894,11 @@ async fn run_stages(config: Config, stages: &[StageName]) -> Result<()> {
     let listener = bind_http(&config).await?;
     let key = wiring::anonymization_key(&config, rand::random);
     let handle = tokio::runtime::Handle::current();
-    // The SQL tables live with the stages that fill them: windows, commands, or both.
-    let with_sql = stages.contains(&StageName::Window) || stages.contains(&StageName::Decide);
+    // The SQL tables live with the stages that fill them: windows, anomalies and forecasts,
+    // commands. A table whose stage runs elsewhere is there, and empty.
+    let with_sql = stages.contains(&StageName::Window)
+        || stages.contains(&StageName::Models)
+        || stages.contains(&StageName::Decide);
     let sql = if with_sql {
         Some(wiring::sql(&config, Some(&key))?)
     } else {
@@ -903,6 +906,7 @@ async fn run_stages(config: Config, stages: &[StageName]) -> Result<()> {
     };
     let store = sql.as_ref().map(|s| s.windows.clone());
     let commands_store = sql.as_ref().map(|s| s.commands.clone());
+    let model_tables = sql.as_ref().map(|s| s.models.clone());
     let engine = sql.as_ref().map(|s| s.engine.clone());
     let _pg = match (&engine, config.sql.pg_enabled) {
         (Some(engine), true) => {
@@ -948,6 +952,7 @@ async fn run_stages(config: Config, stages: &[StageName]) -> Result<()> {
                     clock.clone(),
                     shutdown.clone(),
                     handle.clone(),
+                    model_tables.clone(),
                 )?;
                 runner::spawn(stage, ctx)?
             }
@@ -1048,7 +1053,15 @@ async fn actuate(config: Config, driver: DriverName, dry_run: bool) -> Result<()
     let shutdown = Arc::new(AtomicBool::new(false));
     let listener = bind_http(&config).await?;
     let http = listener.map(|l| wiring::serve_http(l, metrics.clone(), None));
-    let (stage, ctx) = wiring::actuator(&config, driver, dry_run, metrics, clock, shutdown.clone());
+    let (stage, ctx) = wiring::actuator(
+        &config,
+        driver,
+        dry_run,
+        metrics,
+        clock,
+        shutdown.clone(),
+        handle.clone(),
+    )?;
     let worker = runner::spawn(stage, ctx)?;
     let joined = tokio::task::spawn_blocking(move || worker.join());
     tokio::pin!(joined);

@@ -21,7 +21,7 @@ use crate::stages::decide::{
     DecideInputs, DecideStage, COMMANDS as DECIDE_COMMANDS, STATE as DECIDE_STATE,
 };
 use crate::stages::filter::{FilterStage, CLEAN, REASONS};
-use crate::stages::models::{ModelsStage, ANOMALIES, FORECASTS, STATE};
+use crate::stages::models::{ModelTables, ModelsStage, ANOMALIES, FORECASTS, STATE};
 use crate::stages::window::aggregate::AggregateError;
 use crate::stages::window::{WindowStage, AGGREGATES, LATE};
 
@@ -179,18 +179,23 @@ pub fn window(
 }
 
 /// The models stage and the context that wires it to Kafka (aggregates in; anomalies,
-/// forecasts and snapshots out; snapshots read back on assignment).
+/// forecasts and snapshots out; snapshots read back on assignment). Anomalies and forecasts
+/// also go to `tables`, when given, for SQL.
 pub fn models(
     config: &Config,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
     shutdown: Arc<AtomicBool>,
     handle: tokio::runtime::Handle,
+    tables: Option<ModelTables>,
 ) -> Result<(ModelsStage, RunContext), WiringError> {
     metrics.declare_reasons("models", crate::stages::models::REASONS);
-    // Models read Avro aggregates when a registry is configured; their own outputs are JSON.
-    let (cache, avro) = avro_support(config, Vec::new(), handle)?;
-    let stage = ModelsStage::new(config.models.clone(), AvroCodec { schemas: cache });
+    // Anomalies and forecasts leave in the format their window's aggregates came in.
+    let (cache, avro) = avro_support(config, schemas::models_outputs(&config.topics), handle)?;
+    let mut stage = ModelsStage::new(config.models.clone(), AvroCodec { schemas: cache });
+    if let Some(tables) = tables {
+        stage = stage.with_tables(tables);
+    }
     let topics = &config.topics;
     let ctx = RunContext {
         outputs: HashMap::from([
@@ -224,7 +229,7 @@ pub fn decide(
     store: Option<Arc<WindowStore>>,
 ) -> Result<(DecideStage, RunContext), WiringError> {
     metrics.declare_reasons("decide", crate::stages::decide::REASONS);
-    let (cache, avro) = avro_support(config, Vec::new(), handle)?;
+    let (cache, avro) = avro_support(config, schemas::decide_outputs(&config.topics), handle)?;
     let topics = &config.topics;
     let inputs = DecideInputs {
         aggregates: topics.name(&topics.aggregates),
@@ -268,7 +273,7 @@ pub fn decide(
 
 /// An actuator over `driver` and the context that wires it to the commands topic: one
 /// consumer group per driver, outcomes to `actuations`, read back on assignment so a
-/// command is never carried out twice.
+/// command is never carried out twice. Avro commands are read through the registry.
 pub fn actuator(
     config: &Config,
     driver: Box<dyn crate::actuators::Driver>,
@@ -276,12 +281,15 @@ pub fn actuator(
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
     shutdown: Arc<AtomicBool>,
-) -> (crate::actuators::Actuator, RunContext) {
+    handle: tokio::runtime::Handle,
+) -> Result<(crate::actuators::Actuator, RunContext), RegistryError> {
     metrics.declare_reasons("actuate", crate::actuators::REASONS);
+    let (cache, avro) = avro_support(config, Vec::new(), handle)?;
     let topics = &config.topics;
     let group = format!("{}-{}", config.actuate.group_id, driver.name());
     let stage =
-        crate::actuators::Actuator::new(driver, dry_run, config.actuate.max_age, clock.clone());
+        crate::actuators::Actuator::new(driver, dry_run, config.actuate.max_age, clock.clone())
+            .reading_avro(AvroCodec { schemas: cache });
     let ctx = RunContext {
         outputs: HashMap::from([(
             crate::actuators::ACTUATIONS,
@@ -295,10 +303,10 @@ pub fn actuator(
             metrics,
             clock,
             shutdown,
-            None,
+            avro,
         )
     };
-    (stage, ctx)
+    Ok((stage, ctx))
 }
 
 /// The tables SQL reads and the engine over them.
@@ -306,23 +314,36 @@ pub fn actuator(
 pub struct Sql {
     /// Closed windows, filled by the window stage.
     pub windows: Arc<WindowStore>,
+    /// Anomalies and forecasts, filled by the models stage.
+    pub models: ModelTables,
     /// Commands, filled by the decide stage.
     pub commands: Arc<WindowStore>,
-    /// The session over both.
+    /// The session over all of them.
     pub engine: Arc<SqlEngine>,
 }
 
-/// The window and command stores and the SQL engine over them.
+/// The stores of windows, anomalies, forecasts and commands, and the SQL engine over them.
 pub fn sql(config: &Config, anon_key: Option<&[u8]>) -> Result<Sql, crate::sql::SqlError> {
-    let windows = Arc::new(WindowStore::windows(config.window.store.clone()));
-    let commands = Arc::new(WindowStore::commands(config.window.store.clone()));
+    let store = &config.window.store;
+    let windows = Arc::new(WindowStore::windows(store.clone()));
+    let models = ModelTables {
+        anomalies: Arc::new(WindowStore::anomalies(store.clone())),
+        forecasts: Arc::new(WindowStore::forecasts(store.clone())),
+    };
+    let commands = Arc::new(WindowStore::commands(store.clone()));
     let engine = SqlEngine::new(
-        &[windows.clone(), commands.clone()],
+        &[
+            windows.clone(),
+            models.anomalies.clone(),
+            models.forecasts.clone(),
+            commands.clone(),
+        ],
         anon_key,
         config.sql.clone(),
     )?;
     Ok(Sql {
         windows,
+        models,
         commands,
         engine: Arc::new(engine),
     })

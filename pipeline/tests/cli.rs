@@ -163,6 +163,9 @@ fn schemas_register_checks_then_registers_each_subject() {
         text.contains(&format!("{prefix}telemetry.raw-value")) && text.contains("new subject"),
         "{text}"
     );
+    for topic in ["aggregates", "anomalies", "forecasts", "commands"] {
+        assert!(text.contains(&format!("{prefix}{topic}-value")), "{text}");
+    }
     let again = register();
     let text = String::from_utf8_lossy(&again.stdout);
     assert!(
@@ -237,6 +240,23 @@ fn sql_and_psql_query_a_running_demo_and_writes_are_refused() {
     }
     // The table survived.
     assert!(sql("SELECT count(*) FROM windows", "csv").status.success());
+    // The README's join of commands with what the models made of their windows runs.
+    let joined = sql(
+        "SELECT c.decided_at, c.action, c.replicas, f.value AS forecast, a.score AS anomaly \
+         FROM commands c \
+         LEFT JOIN forecasts f ON f.service = c.service AND f.made_at = c.decided_at \
+         AND f.horizon_s = 60 \
+         LEFT JOIN anomalies a ON a.service = c.service AND a.window_end = c.decided_at \
+         ORDER BY c.decided_at",
+        "csv",
+    );
+    assert!(
+        joined.status.success(),
+        "{}",
+        String::from_utf8_lossy(&joined.stderr)
+    );
+    assert!(String::from_utf8_lossy(&joined.stdout)
+        .starts_with("decided_at,action,replicas,forecast,anomaly"));
 
     let port = pg.to_string();
     let psql = |args: &[&str]| {

@@ -19,6 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
+use crate::codec::{AvroCodec, EventSchema};
 use crate::config::ConfigError;
 use crate::stage::{Emitter, Input, Output, Stage};
 use crate::stages::decide::Command;
@@ -28,8 +29,8 @@ pub const ACTUATIONS: &str = "actuations";
 /// Command ids remembered per actuator, to refuse a second execution.
 const SEEN_CAPACITY: usize = 200_000;
 
-/// Every reason an actuator dead-letters a record.
-pub const REASONS: &[&str] = &["empty_payload", "malformed"];
+/// Every reason an actuator dead-letters a record: those of a command that cannot be read.
+pub const REASONS: &[&str] = crate::codec::DECODE_REASONS;
 
 /// `[actuate]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -146,6 +147,7 @@ pub struct Actuator {
     dry_run: bool,
     max_age: chrono::Duration,
     clock: Arc<dyn Clock>,
+    avro: AvroCodec,
     seen: HashSet<String>,
     order: VecDeque<String>,
     counts: ActuateCounts,
@@ -173,10 +175,18 @@ impl Actuator {
             dry_run,
             max_age: chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX),
             clock,
+            avro: AvroCodec::default(),
             seen: HashSet::new(),
             order: VecDeque::new(),
             counts: ActuateCounts::default(),
         }
+    }
+
+    /// Reads Avro commands with the writer schemas in `avro`'s cache (the runner fills it).
+    #[must_use]
+    pub fn reading_avro(mut self, avro: AvroCodec) -> Self {
+        self.avro = avro;
+        self
     }
 
     /// What the actuator has done so far.
@@ -252,13 +262,14 @@ impl Stage for Actuator {
             out.dead_letter(input, "empty_payload", "no value");
             return;
         };
-        let command: Command = match serde_json::from_slice(payload) {
-            Ok(c) => c,
-            Err(e) => {
-                out.dead_letter(input, "malformed", format!("command: {e}"));
-                return;
-            }
-        };
+        let command: Command =
+            match crate::codec::decode_event(payload, EventSchema::Commands, &self.avro) {
+                Ok((_, c)) => c,
+                Err(e) => {
+                    out.dead_letter(input, e.reason(), format!("command: {e}"));
+                    return;
+                }
+            };
         if self.seen.contains(&command.command_id) {
             self.counts.duplicates += 1;
             return;

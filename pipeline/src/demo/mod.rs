@@ -413,6 +413,7 @@ pub async fn run_on(
         clock.clone(),
         shutdown.clone(),
         tokio::runtime::Handle::current(),
+        Some(sql.models.clone()),
     )?;
     let models_thread = runner::spawn(stage, ctx).map_err(|_| DemoError::Panicked)?;
     let (stage, ctx) = wiring::decide(
@@ -436,7 +437,8 @@ pub async fn run_on(
         metrics.clone(),
         clock.clone(),
         shutdown.clone(),
-    );
+        tokio::runtime::Handle::current(),
+    )?;
     let actuate_thread = runner::spawn(stage, ctx).map_err(|_| DemoError::Panicked)?;
     let stop_view = Arc::new(AtomicBool::new(false));
     let load_metric = config

@@ -78,6 +78,8 @@ pub struct Chain {
     /// the increasing offsets a real topic would give it.
     offsets: HashMap<(&'static str, i32), i64>,
     counts: ChainCounts,
+    /// Reads the commands decide wrote, in either format, to count them by action.
+    codec: AvroCodec,
 }
 
 impl std::fmt::Debug for Chain {
@@ -145,6 +147,7 @@ impl Chain {
             now: None,
             offsets: HashMap::new(),
             counts: ChainCounts::default(),
+            codec: codec(),
         })
     }
 
@@ -313,8 +316,12 @@ impl Chain {
             if o.output != COMMANDS {
                 continue;
             }
-            let action = serde_json::from_slice::<crate::stages::decide::Command>(&o.payload)
-                .map_or_else(|_| "unreadable".to_string(), |c| c.action);
+            let action = crate::codec::decode_event::<crate::stages::decide::Command>(
+                &o.payload,
+                crate::codec::EventSchema::Commands,
+                &self.codec,
+            )
+            .map_or_else(|_| "unreadable".to_string(), |(_, c)| c.action);
             *self.counts.commands.entry(action).or_default() += 1;
             self.emitted(COMMANDS, &o, sink);
         }

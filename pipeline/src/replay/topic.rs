@@ -275,11 +275,13 @@ impl Iterator for TopicSource {
 }
 
 /// Writes the chain's outputs as JSON lines, one file per topic role, in emission order.
+/// Avro outputs (an Avro input's) are written as the JSON the stage writes for JSON input.
 #[derive(Debug)]
 pub struct FileSink {
     dir: std::path::PathBuf,
     files: std::collections::BTreeMap<&'static str, std::io::BufWriter<std::fs::File>>,
     error: Option<std::io::Error>,
+    codec: crate::codec::AvroCodec,
 }
 
 /// The roles a topic replay writes to files; clean telemetry is left out (it is as big as
@@ -287,12 +289,14 @@ pub struct FileSink {
 pub const WRITTEN: &[&str] = &["aggregates", "late", "anomalies", "forecasts", "commands"];
 
 impl FileSink {
-    /// A sink writing `<role>.jsonl` and `dead-letters.jsonl` into `dir`.
-    pub fn new(dir: &std::path::Path) -> Self {
+    /// A sink writing `<role>.jsonl` and `dead-letters.jsonl` into `dir`, reading Avro
+    /// outputs with the schemas in `schemas`.
+    pub fn new(dir: &std::path::Path, schemas: crate::codec::SchemaCache) -> Self {
         Self {
             dir: dir.to_path_buf(),
             files: std::collections::BTreeMap::new(),
             error: None,
+            codec: crate::codec::AvroCodec { schemas },
         }
     }
 
@@ -331,6 +335,36 @@ impl FileSink {
     }
 }
 
+/// An Avro output of `role` as the JSON its stage writes for JSON input.
+fn avro_as_json(
+    role: &str,
+    payload: &[u8],
+    codec: &crate::codec::AvroCodec,
+) -> Result<Vec<u8>, String> {
+    use crate::codec::{self, EventSchema};
+    use crate::stages::decide::Command;
+    use crate::stages::models::process::{AnomalyEvent, ForecastEvent};
+    let json = match role {
+        "aggregates" => codec::decode_aggregate(payload, codec)
+            .map_err(|e| e.to_string())
+            .and_then(|(_, a)| serde_json::to_vec(&a).map_err(|e| e.to_string()))?,
+        "late" => codec::decode_clean(payload, codec)
+            .map_err(|e| e.to_string())
+            .and_then(|(_, c)| codec::json::encode_clean(&c).map_err(|e| e.to_string()))?,
+        "anomalies" => codec::decode_event::<AnomalyEvent>(payload, EventSchema::Anomalies, codec)
+            .map_err(|e| e.to_string())
+            .and_then(|(_, a)| serde_json::to_vec(&a).map_err(|e| e.to_string()))?,
+        "forecasts" => codec::decode_event::<ForecastEvent>(payload, EventSchema::Forecasts, codec)
+            .map_err(|e| e.to_string())
+            .and_then(|(_, f)| serde_json::to_vec(&f).map_err(|e| e.to_string()))?,
+        "commands" => codec::decode_event::<Command>(payload, EventSchema::Commands, codec)
+            .map_err(|e| e.to_string())
+            .and_then(|(_, c)| serde_json::to_vec(&c).map_err(|e| e.to_string()))?,
+        other => return Err(format!("no JSON form for {other}")),
+    };
+    Ok(json)
+}
+
 impl super::chain::Sink for FileSink {
     fn output(&mut self, role: &'static str, output: &crate::stage::Output) {
         if !WRITTEN.contains(&role) {
@@ -338,14 +372,20 @@ impl super::chain::Sink for FileSink {
         }
         if crate::codec::Format::detect(&output.payload) == Some(crate::codec::Format::Json) {
             self.write(role, &output.payload);
-        } else {
-            // An Avro value (the input was Avro): its JSON would need the writer schema;
-            // the key and size still say it happened.
-            let line = serde_json::json!({
-                "key": String::from_utf8_lossy(&output.key),
-                "avro_bytes": output.payload.len(),
-            });
-            self.write(role, line.to_string().as_bytes());
+            return;
+        }
+        match avro_as_json(role, &output.payload, &self.codec) {
+            Ok(line) => self.write(role, &line),
+            Err(e) => {
+                // Unreadable (which the stage that wrote it rules out): the key, size and
+                // why still say it happened.
+                let line = serde_json::json!({
+                    "key": String::from_utf8_lossy(&output.key),
+                    "avro_bytes": output.payload.len(),
+                    "error": e.to_string(),
+                });
+                self.write(role, line.to_string().as_bytes());
+            }
         }
     }
 
@@ -455,6 +495,8 @@ impl AvroInput {
             for out in crate::schemas::filter_outputs(topics)
                 .into_iter()
                 .chain(crate::schemas::window_outputs(topics))
+                .chain(crate::schemas::models_outputs(topics))
+                .chain(crate::schemas::decide_outputs(topics))
             {
                 let id = self
                     .handle
@@ -516,11 +558,11 @@ pub fn replay_topic(
         handle: handle.clone(),
         registered: false,
     });
-    let mut files = FileSink::new(dir);
+    let mut files = FileSink::new(dir, schemas.clone());
     let mut topics = to_topics
         .map(|prefix| TopicSink::create(config, prefix, &handle))
         .transpose()?;
-    let mut loads = Loads::new(config);
+    let mut loads = Loads::new(config, schemas.clone());
     let mut sink = Both(&mut files, topics.as_mut(), &mut loads);
     let mut chain: Option<super::chain::Chain> = None;
     let mut done = 0u64;
@@ -755,10 +797,12 @@ impl super::chain::Sink for TopicSink {
 struct Loads {
     spec: crate::stages::models::config::SignalSpec,
     by_service: std::collections::BTreeMap<String, Vec<(i64, f64)>>,
+    /// Avro aggregates (an Avro input's) are read with the replay's schemas.
+    codec: crate::codec::AvroCodec,
 }
 
 impl Loads {
-    fn new(config: &Config) -> Self {
+    fn new(config: &Config, schemas: crate::codec::SchemaCache) -> Self {
         let name = &config.decide.load_signal;
         let spec = config
             .models
@@ -774,13 +818,12 @@ impl Loads {
         Self {
             spec,
             by_service: std::collections::BTreeMap::new(),
+            codec: crate::codec::AvroCodec { schemas },
         }
     }
 
     fn aggregate(&mut self, payload: &[u8]) {
-        let Ok((_, a)) =
-            crate::codec::decode_aggregate(payload, &crate::codec::AvroCodec::default())
-        else {
+        let Ok((_, a)) = crate::codec::decode_aggregate(payload, &self.codec) else {
             return;
         };
         if !self.spec.matches(&a.metric) {
@@ -815,5 +858,57 @@ impl super::chain::Sink for Both<'_> {
         if let Some(t) = self.1.as_mut() {
             t.dead_letter(stage, dead);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FileSink;
+    use crate::codec::{avro::test_codec, EventSchema};
+    use crate::replay::chain::Sink;
+    use crate::stage::Output;
+    use crate::stages::decide::process::Evidence;
+    use crate::stages::decide::Command;
+
+    #[test]
+    fn avro_outputs_are_written_as_the_json_a_json_run_writes(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = std::env::temp_dir().join(format!("ebb-filesink-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir)?;
+        let codec = test_codec();
+        let command = Command {
+            command_id: "api/1/scale".into(),
+            service: "api".into(),
+            action: "scale".into(),
+            replicas: Some(5),
+            instance: None,
+            policy: "reactive".into(),
+            reason: "load".into(),
+            evidence: Evidence::default(),
+            decided_at: "2026-12-01T10:00:00.000Z".into(),
+            shadow: false,
+        };
+        let mut sink = FileSink::new(&dir, codec.schemas.clone());
+        for payload in [
+            codec.encode_event(EventSchema::Commands, &command)?,
+            serde_json::to_vec(&command)?,
+        ] {
+            sink.output(
+                "commands",
+                &Output {
+                    output: "commands",
+                    key: b"api".to_vec(),
+                    payload,
+                    headers: Vec::new(),
+                },
+            );
+        }
+        sink.close()?;
+        let text = std::fs::read_to_string(dir.join("commands.jsonl"))?;
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0], lines[1], "the Avro command reads as its JSON");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
     }
 }

@@ -1,4 +1,4 @@
-//! The store of closed windows (and, later, anomalies, forecasts and commands) that SQL
+//! The store of closed windows, anomalies, forecasts and commands that SQL
 //! reads: Arrow batches in memory, bounded by a time retention and a row cap, spilled to
 //! Parquet when configured.
 
@@ -62,6 +62,28 @@ impl WindowStore {
             "commands",
             crate::stages::decide::table::commands_schema(),
             crate::stages::decide::table::TIME_COLUMN,
+            config,
+        )
+    }
+
+    /// The `anomalies` table: the models' anomaly events, retained by `window_end`.
+    pub fn anomalies(config: StoreConfig) -> Self {
+        use crate::stages::models::table;
+        Self::new(
+            "anomalies",
+            table::anomalies_schema(),
+            table::ANOMALIES_TIME_COLUMN,
+            config,
+        )
+    }
+
+    /// The `forecasts` table: the models' forecasts, a row per horizon, retained by `made_at`.
+    pub fn forecasts(config: StoreConfig) -> Self {
+        use crate::stages::models::table;
+        Self::new(
+            "forecasts",
+            table::forecasts_schema(),
+            table::FORECASTS_TIME_COLUMN,
             config,
         )
     }

@@ -161,7 +161,7 @@ impl RunningStage {
     /// The models stage.
     pub fn start_models(config: &Config, rt: &tokio::runtime::Runtime) -> Self {
         Self::spawn(|metrics, clock, shutdown| {
-            ebb::wiring::models(config, metrics, clock, shutdown, rt.handle().clone())
+            ebb::wiring::models(config, metrics, clock, shutdown, rt.handle().clone(), None)
                 .expect("wiring")
         })
     }

@@ -24,7 +24,7 @@ use super::policy::{
     self, ForecastView, Health, Observation, RestartState, ScaleDecision, ScaleState,
     StoredForecast,
 };
-use crate::codec::{self, AvroCodec};
+use crate::codec::{self, AvroCodec, EventSchema, Format};
 use crate::stage::{Emitter, Input, Output, Stage};
 use crate::stages::models::config::SignalSpec;
 use crate::stages::models::process::{AnomalyEvent, ForecastEvent};
@@ -40,9 +40,8 @@ pub const SNAPSHOT_LAYOUT: u32 = 1;
 /// Forecasts kept per service (the decision uses the latest made by its window's end).
 const FORECASTS_KEPT: usize = 8;
 
-/// Every reason the decide stage dead-letters a record: an aggregate's decode reasons (a
-/// forecast or anomaly that does not parse is `malformed`), and a record of a topic the
-/// stage was not wired to.
+/// Every reason the decide stage dead-letters a record: the decode reasons of its three
+/// inputs, and a record of a topic the stage was not wired to.
 pub const REASONS: &[&str] = &[
     "empty_payload",
     "unknown_format",
@@ -140,6 +139,10 @@ struct OpenWindow {
     utilization: Option<f64>,
     replicas: Option<u32>,
     health: Vec<(String, Option<String>, f64, f64)>,
+    /// The wire format of the window's aggregates: its commands leave in it. (Absent from
+    /// snapshots taken before commands could be Avro: JSON, as they were.)
+    #[serde(default)]
+    format: Format,
 }
 
 /// A service's state, as snapshotted.
@@ -317,7 +320,13 @@ impl DecideStage {
         self.dirty.insert(service);
     }
 
-    fn on_aggregate(&mut self, a: WindowAggregate, partition: i32, out: &mut Emitter) {
+    fn on_aggregate(
+        &mut self,
+        a: WindowAggregate,
+        format: Format,
+        partition: i32,
+        out: &mut Emitter,
+    ) {
         let is_load = self.load.matches(&a.metric);
         let utilization = self
             .utilization
@@ -352,6 +361,7 @@ impl DecideStage {
             utilization: None,
             replicas: None,
             health: Vec::new(),
+            format,
         });
         if let Some(v) = load_value.filter(|v| v.is_finite()) {
             open.load = Some(v);
@@ -497,13 +507,14 @@ impl DecideStage {
             }
         }
         for c in commands {
-            let payload = match serde_json::to_vec(&c) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(service, error = %e, "command not serialisable");
-                    continue;
-                }
-            };
+            let payload =
+                match codec::encode_event(&c, EventSchema::Commands, open.format, &self.avro) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(service, error = %e, "command not encodable");
+                        continue;
+                    }
+                };
             out.emit(Output {
                 output: COMMANDS,
                 key: service.as_bytes().to_vec(),
@@ -531,18 +542,19 @@ impl Stage for DecideStage {
         let topic = input.source.topic.as_str();
         if topic == self.inputs.aggregates {
             match codec::decode_aggregate(payload, &self.avro) {
-                Ok((_, a)) => self.on_aggregate(a, partition, out),
+                Ok((format, a)) => self.on_aggregate(a, format, partition, out),
                 Err(e) => out.dead_letter(input, e.reason(), e.to_string()),
             }
         } else if topic == self.inputs.forecasts {
-            match serde_json::from_slice::<ForecastEvent>(payload) {
-                Ok(e) => self.on_forecast(e, partition, out),
-                Err(e) => out.dead_letter(input, "malformed", format!("forecast: {e}")),
+            match codec::decode_event::<ForecastEvent>(payload, EventSchema::Forecasts, &self.avro)
+            {
+                Ok((_, e)) => self.on_forecast(e, partition, out),
+                Err(e) => out.dead_letter(input, e.reason(), format!("forecast: {e}")),
             }
         } else if topic == self.inputs.anomalies {
-            match serde_json::from_slice::<AnomalyEvent>(payload) {
-                Ok(e) => self.on_anomaly(e, partition),
-                Err(e) => out.dead_letter(input, "malformed", format!("anomaly: {e}")),
+            match codec::decode_event::<AnomalyEvent>(payload, EventSchema::Anomalies, &self.avro) {
+                Ok((_, e)) => self.on_anomaly(e, partition),
+                Err(e) => out.dead_letter(input, e.reason(), format!("anomaly: {e}")),
             }
         } else {
             out.dead_letter(

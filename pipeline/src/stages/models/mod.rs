@@ -5,9 +5,10 @@ pub mod config;
 pub mod detect;
 pub mod forecast;
 pub mod process;
+pub mod table;
 
 #[cfg(test)]
 mod tests;
 
 pub use config::ModelsConfig;
-pub use process::{ModelsCounts, ModelsStage, ANOMALIES, FORECASTS, REASONS, STATE};
+pub use process::{ModelTables, ModelsCounts, ModelsStage, ANOMALIES, FORECASTS, REASONS, STATE};

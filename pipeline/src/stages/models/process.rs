@@ -10,13 +10,15 @@
 //! previous owner was, without emitting anything twice.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::config::ModelsConfig;
 use super::detect::{AnomalyModel, DetectorScore};
 use super::forecast::{Forecaster, Prediction};
-use crate::codec::{self, AvroCodec};
+use crate::codec::{self, AvroCodec, EventSchema, Format};
+use crate::sql::store::WindowStore;
 use crate::stage::{Checkpoint, Emitter, Input, Output, Restore, Stage};
 use crate::stages::window::aggregate::ms_to_rfc3339;
 use crate::stages::window::WindowAggregate;
@@ -149,6 +151,8 @@ struct Open {
     end: i64,
     values: Vec<Option<f64>>,
     first_offset: i64,
+    /// The wire format of the window's aggregates: its anomaly and forecasts leave in it.
+    format: Format,
 }
 
 #[derive(Debug)]
@@ -168,6 +172,15 @@ struct ServiceState {
     step_end: i64,
 }
 
+/// The `anomalies` and `forecasts` SQL tables, when the SQL engine runs in this process.
+#[derive(Debug, Clone)]
+pub struct ModelTables {
+    /// One row per anomaly event.
+    pub anomalies: Arc<WindowStore>,
+    /// One row per forecast and horizon.
+    pub forecasts: Arc<WindowStore>,
+}
+
 /// The models stage.
 #[derive(Debug)]
 pub struct ModelsStage {
@@ -179,6 +192,7 @@ pub struct ModelsStage {
     snapshots: HashMap<String, Snapshot>,
     restores: HashMap<i32, Restore>,
     counts: ModelsCounts,
+    tables: Option<ModelTables>,
 }
 
 impl ModelsStage {
@@ -199,7 +213,15 @@ impl ModelsStage {
             snapshots: HashMap::new(),
             restores: HashMap::new(),
             counts: ModelsCounts::default(),
+            tables: None,
         }
+    }
+
+    /// Also writes what the stage emits to the `anomalies` and `forecasts` SQL tables.
+    #[must_use]
+    pub fn with_tables(mut self, tables: ModelTables) -> Self {
+        self.tables = Some(tables);
+        self
     }
 
     /// What the stage has done so far.
@@ -308,6 +330,8 @@ impl ModelsStage {
         );
         self.counts.windows += 1;
         let mut outputs = Vec::new();
+        let mut anomaly_rows = Vec::new();
+        let mut forecast_rows = Vec::new();
         if verdict.anomalous {
             let severity = if verdict.score >= 0.85 {
                 "high"
@@ -344,13 +368,22 @@ impl ModelsStage {
                     .collect(),
                 model_version: cfg.model_version,
             };
-            outputs.push(Output {
-                output: ANOMALIES,
-                key: service.as_bytes().to_vec(),
-                payload: serde_json::to_vec(&event).unwrap_or_default(),
-                headers: vec![("ebb.anomaly_id".into(), event.anomaly_id.into_bytes())],
-            });
-            self.counts.anomalies += 1;
+            match codec::encode_event(&event, EventSchema::Anomalies, open.format, &self.avro) {
+                Ok(payload) => {
+                    outputs.push(Output {
+                        output: ANOMALIES,
+                        key: service.as_bytes().to_vec(),
+                        payload,
+                        headers: vec![(
+                            "ebb.anomaly_id".into(),
+                            event.anomaly_id.as_bytes().to_vec(),
+                        )],
+                    });
+                    self.counts.anomalies += 1;
+                    anomaly_rows.push(event);
+                }
+                Err(e) => tracing::error!(service, error = %e, "anomaly event not encodable"),
+            }
         }
         let step = cfg.forecast_step.as_millis().max(1) as i64;
         if state.step_end == i64::MIN {
@@ -400,13 +433,22 @@ impl ModelsStage {
                 horizons,
                 model_version: cfg.model_version,
             };
-            outputs.push(Output {
-                output: FORECASTS,
-                key: service.as_bytes().to_vec(),
-                payload: serde_json::to_vec(&event).unwrap_or_default(),
-                headers: vec![("ebb.forecast_id".into(), event.forecast_id.into_bytes())],
-            });
-            self.counts.forecasts += 1;
+            match codec::encode_event(&event, EventSchema::Forecasts, open.format, &self.avro) {
+                Ok(payload) => {
+                    outputs.push(Output {
+                        output: FORECASTS,
+                        key: service.as_bytes().to_vec(),
+                        payload,
+                        headers: vec![(
+                            "ebb.forecast_id".into(),
+                            event.forecast_id.as_bytes().to_vec(),
+                        )],
+                    });
+                    self.counts.forecasts += 1;
+                    forecast_rows.push(event);
+                }
+                Err(e) => tracing::error!(service, error = %e, "forecast event not encodable"),
+            }
         }
         if state.since_snapshot >= cfg.snapshot_every {
             let snapshot = Snapshot {
@@ -439,7 +481,31 @@ impl ModelsStage {
             for o in outputs {
                 out.emit(o);
             }
+            if let Some(t) = &self.tables {
+                store_rows(&t.anomalies, &anomaly_rows, super::table::anomalies_batch);
+                store_rows(&t.forecasts, &forecast_rows, super::table::forecasts_batch);
+            }
         }
+    }
+}
+
+/// Adds `rows` to a SQL table (ids are unique there: a re-emitted event is listed once).
+fn store_rows<T>(
+    store: &WindowStore,
+    rows: &[T],
+    batch: fn(
+        &[T],
+    ) -> Result<
+        datafusion::arrow::array::RecordBatch,
+        datafusion::arrow::error::ArrowError,
+    >,
+) {
+    if rows.is_empty() {
+        return;
+    }
+    match batch(rows) {
+        Ok(b) => store.insert_batch(b),
+        Err(e) => tracing::warn!(table = store.name(), error = %e, "rows not stored for SQL"),
     }
 }
 
@@ -458,8 +524,8 @@ impl Stage for ModelsStage {
             }
             return;
         };
-        let aggregate = match codec::decode_aggregate(payload, &self.avro) {
-            Ok((_, a)) => a,
+        let (format, aggregate) = match codec::decode_aggregate(payload, &self.avro) {
+            Ok(decoded) => decoded,
             Err(e) => {
                 if emit {
                     out.dead_letter(input, e.reason(), e.to_string());
@@ -491,6 +557,7 @@ impl Stage for ModelsStage {
             end: aggregate.window_end,
             values: vec![None; signals],
             first_offset: offset,
+            format,
         });
         open.values[signal] = value.is_finite().then_some(value);
         if open.values.iter().all(Option::is_some) {

@@ -227,10 +227,30 @@ fn a_bad_detector_setting_names_its_key() {
 /// Drives the stage with `windows` windows of one service's aggregates (JSON), a fault in
 /// window `fault`; returns everything it emitted.
 fn run_stage(windows: usize, fault: usize) -> Vec<crate::stage::Output> {
-    use crate::codec::AvroCodec;
+    run_stage_in(windows, fault, crate::codec::Format::Json)
+}
+
+/// [`run_stage`] with the aggregates in `format` (Avro through [`crate::codec::avro::test_codec`]).
+fn run_stage_in(
+    windows: usize,
+    fault: usize,
+    format: crate::codec::Format,
+) -> Vec<crate::stage::Output> {
+    let codec = crate::codec::avro::test_codec();
+    let mut stage = super::ModelsStage::new(super::ModelsConfig::default(), codec.clone());
+    drive(&mut stage, windows, fault, format, &codec)
+}
+
+/// Feeds `stage` the windows of [`run_stage_in`]; everything it emitted.
+fn drive(
+    stage: &mut super::ModelsStage,
+    windows: usize,
+    fault: usize,
+    format: crate::codec::Format,
+    codec: &crate::codec::AvroCodec,
+) -> Vec<crate::stage::Output> {
     use crate::stage::{Emitter, Input, Source, Stage};
     use crate::stages::window::WindowAggregate;
-    let mut stage = super::ModelsStage::new(super::ModelsConfig::default(), AvroCodec::default());
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let mut outputs = Vec::new();
     let mut offset = 0;
@@ -261,7 +281,12 @@ fn run_stage(windows: usize, fault: usize) -> Vec<crate::stage::Output> {
                 instances: 1,
                 top_instance: None,
             };
-            let payload = serde_json::to_vec(&a).unwrap_or_default();
+            let payload = match format {
+                crate::codec::Format::Json => serde_json::to_vec(&a).unwrap_or_default(),
+                crate::codec::Format::Avro => {
+                    codec.encode_aggregate(&a).unwrap_or_else(|e| panic!("{e}"))
+                }
+            };
             let mut emitter = Emitter::new();
             stage.process(
                 &Input {
@@ -325,4 +350,181 @@ fn the_stage_flags_a_fault_and_every_output_fits_its_schema(
         "steady windows flagged too: {flagged:?}"
     );
     Ok(())
+}
+
+#[test]
+fn avro_aggregates_give_the_same_events_in_avro_under_the_registered_schemas(
+) -> Result<(), Box<dyn std::error::Error>> {
+    use super::process::{AnomalyEvent, ForecastEvent};
+    use crate::codec::{decode_event, EventSchema, Format};
+    let codec = crate::codec::avro::test_codec();
+    let json = run_stage_in(1500, 1400, Format::Json);
+    let avro = run_stage_in(1500, 1400, Format::Avro);
+    assert_eq!(json.len(), avro.len());
+    let mut anomalies = 0;
+    for (j, a) in json.iter().zip(&avro) {
+        assert_eq!(
+            (j.output, &j.key, &j.headers),
+            (a.output, &a.key, &a.headers)
+        );
+        match a.output {
+            super::ANOMALIES => {
+                assert_eq!(
+                    &a.payload[..5],
+                    &[0, 0, 0, 0, 4],
+                    "framed with the anomalies id"
+                );
+                let (format, event) =
+                    decode_event::<AnomalyEvent>(&a.payload, EventSchema::Anomalies, &codec)?;
+                assert_eq!(format, Format::Avro);
+                assert_eq!(event, serde_json::from_slice::<AnomalyEvent>(&j.payload)?);
+                anomalies += 1;
+            }
+            super::FORECASTS => {
+                assert_eq!(
+                    &a.payload[..5],
+                    &[0, 0, 0, 0, 5],
+                    "framed with the forecasts id"
+                );
+                let (_, event) =
+                    decode_event::<ForecastEvent>(&a.payload, EventSchema::Forecasts, &codec)?;
+                assert_eq!(event, serde_json::from_slice::<ForecastEvent>(&j.payload)?);
+            }
+            // Snapshots are the stage's own state, JSON whatever the input.
+            _ => assert_eq!(a.payload, j.payload),
+        }
+    }
+    assert!(anomalies > 0, "the fault is flagged in both formats");
+    Ok(())
+}
+
+#[test]
+fn avro_outputs_fall_back_to_json_while_their_schema_has_no_id() {
+    use crate::stage::{Emitter, Input, Source, Stage};
+    let codec = crate::codec::avro::test_codec();
+    // A cache that can read Avro aggregates but has registered no output schema yet.
+    let reader = crate::codec::AvroCodec::default();
+    if let Err(e) = reader
+        .schemas
+        .insert(3, crate::codec::avro::AGGREGATES_SCHEMA)
+    {
+        panic!("{e}");
+    }
+    let mut stage = super::ModelsStage::new(super::ModelsConfig::default(), reader);
+    let mut forecasts = 0;
+    let mut offset = 0;
+    for w in 0..200i64 {
+        let start = 1_700_000_000_000 + w * STEP_MS;
+        for metric in NAMES {
+            let a = crate::stages::window::WindowAggregate {
+                window_id: format!("api/{metric}/{start}"),
+                service: "api".into(),
+                metric: metric.into(),
+                unit: None,
+                window_start: start,
+                window_end: start + STEP_MS,
+                count: 1,
+                sum: 10.0,
+                mean: 10.0,
+                min: 10.0,
+                max: 10.0,
+                stddev: None,
+                p50: 10.0,
+                p95: 10.0,
+                p99: 10.0,
+                rate: 0.1,
+                instances: 1,
+                top_instance: None,
+            };
+            let payload = codec.encode_aggregate(&a).unwrap_or_else(|e| panic!("{e}"));
+            let mut out = Emitter::new();
+            stage.process(
+                &Input {
+                    key: Some(b"api"),
+                    payload: Some(&payload),
+                    headers: Vec::new(),
+                    source: Source {
+                        topic: "aggregates".into(),
+                        partition: 0,
+                        offset,
+                    },
+                },
+                &mut out,
+            );
+            offset += 1;
+            let (outputs, dead) = out.drain();
+            assert!(dead.is_empty(), "{dead:?}");
+            for o in outputs.iter().filter(|o| o.output == super::FORECASTS) {
+                assert_eq!(o.payload.first(), Some(&b'{'), "JSON, not lost");
+                forecasts += 1;
+            }
+        }
+    }
+    assert!(forecasts > 0);
+}
+
+#[tokio::test]
+async fn anomalies_and_forecasts_are_queryable_in_sql_once_each() {
+    use crate::sql::store::WindowStore;
+    use crate::sql::{SqlConfig, SqlEngine};
+    use crate::stages::window::config::StoreConfig;
+    // Keep every window of the run: the default hour would evict most of them.
+    let keep = StoreConfig {
+        retention: std::time::Duration::from_secs(100 * 3600),
+        ..StoreConfig::default()
+    };
+    let tables = super::ModelTables {
+        anomalies: std::sync::Arc::new(WindowStore::anomalies(keep.clone())),
+        forecasts: std::sync::Arc::new(WindowStore::forecasts(keep)),
+    };
+    let codec = crate::codec::avro::test_codec();
+    let mut stage = super::ModelsStage::new(super::ModelsConfig::default(), codec.clone())
+        .with_tables(tables.clone());
+    let outputs = drive(&mut stage, 3000, 2900, crate::codec::Format::Json, &codec);
+    let sent = |output: &str| outputs.iter().filter(|o| o.output == output).count();
+    let (anomalies, forecasts) = (sent(super::ANOMALIES), sent(super::FORECASTS));
+    assert!(anomalies > 0);
+    // A redelivered event (a restart re-reading its input) is still one row.
+    let again: Vec<super::process::ForecastEvent> = outputs
+        .iter()
+        .filter(|o| o.output == super::FORECASTS)
+        .take(5)
+        .filter_map(|o| serde_json::from_slice(&o.payload).ok())
+        .collect();
+    tables
+        .forecasts
+        .insert_batch(super::table::forecasts_batch(&again).unwrap_or_else(|e| panic!("{e}")));
+    let engine = SqlEngine::new(
+        &[tables.anomalies.clone(), tables.forecasts.clone()],
+        None,
+        SqlConfig::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let query = |sql: &'static str| {
+        let engine = &engine;
+        async move {
+            let r = engine.query(sql).await.unwrap_or_else(|e| panic!("{e}"));
+            let (_, body) = crate::sql::http::encode(&r, crate::sql::http::Format::Json)
+                .unwrap_or_else(|e| panic!("{e}"));
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default()
+        }
+    };
+    let v = query(
+        "SELECT count(*) AS n, max(window_end) AS last, max(top_driver) AS driver \
+         FROM anomalies WHERE service = 'api'",
+    )
+    .await;
+    assert_eq!(v["rows"][0]["n"], anomalies);
+    assert!(v["rows"][0]["driver"].is_string(), "{v}");
+    let v = query(
+        "SELECT horizon_s, count(*) AS n, count(DISTINCT forecast_id) AS f FROM forecasts \
+         WHERE signal = 'requests_per_s' GROUP BY horizon_s ORDER BY horizon_s",
+    )
+    .await;
+    let rows = v["rows"].as_array().cloned().unwrap_or_default();
+    assert_eq!(rows.len(), 3, "one row per horizon: {v}");
+    for row in &rows {
+        assert_eq!(row["n"], forecasts / 2, "{v}");
+        assert_eq!(row["n"], row["f"]);
+    }
 }
