@@ -9,20 +9,22 @@
 //!   ids, first `GET /api/v1/namespaces/{ns}/pods?labelSelector=...` and the pod whose name
 //!   hashes (with the filter's key) to the command's instance is the one.
 //!
-//! In a cluster it authenticates with the pod's service-account token and CA; outside, the
-//! API server, token and CA come from `[actuate.kubernetes]`.
+//! The calls go through `kube`'s client, which finds the cluster as `kubectl` does (the
+//! kubeconfig's current context, then the pod's service account) unless
+//! `[actuate.kubernetes] api_server` names one.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde::Deserialize;
 
 use super::{ActuateError, Driver};
 use crate::config::ConfigError;
 use crate::stages::decide::Command;
-
-const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// The kind of workload a service runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -38,12 +40,13 @@ pub enum WorkloadKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KubernetesConfig {
-    /// API server URL. Default: in-cluster (`KUBERNETES_SERVICE_HOST`/`_PORT`).
+    /// API server URL. Default: the kubeconfig's current context (`KUBECONFIG` or
+    /// `~/.kube/config`), else in-cluster (the pod's service account).
     pub api_server: Option<String>,
-    /// Bearer token file, read at each call (tokens rotate). Default the service account's.
+    /// With `api_server`: a bearer token file, re-read as it rotates.
     pub token_file: Option<PathBuf>,
-    /// CA bundle (PEM) the API server's certificate is checked against. Default the service
-    /// account's, when present.
+    /// CA bundle (PEM) the API server's certificate is checked against. Default: the
+    /// kubeconfig's or service account's, else the system's.
     pub ca_file: Option<PathBuf>,
     /// Namespace. Default `default`.
     pub namespace: String,
@@ -102,25 +105,10 @@ impl KubernetesConfig {
     }
 }
 
-/// Percent-encodes a query value (RFC 3986 unreserved characters pass).
-fn query_escape(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// Patches scales and deletes pods through the Kubernetes API.
+/// Patches scales and deletes pods through the Kubernetes API, with `kube`'s client.
 pub struct KubernetesDriver {
     cfg: KubernetesConfig,
-    base: String,
-    token_file: Option<PathBuf>,
-    client: reqwest::Client,
+    client: kube::Client,
     handle: tokio::runtime::Handle,
     anonymizer: Option<ebb_udf_core::Anonymizer>,
 }
@@ -128,139 +116,157 @@ pub struct KubernetesDriver {
 /// Why the driver could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum KubernetesSetupError {
-    /// No API server configured and not running in a cluster.
-    #[error("no API server: set actuate.kubernetes.api_server or run in a cluster")]
-    NoApiServer,
+    /// No API server configured, no kubeconfig, and not running in a cluster.
+    #[error(
+        "no Kubernetes API server: set actuate.kubernetes.api_server, provide a kubeconfig \
+         (KUBECONFIG or ~/.kube/config), or run in a cluster ({0})"
+    )]
+    NoApiServer(String),
+    /// `api_server` is not a URL.
+    #[error("actuate.kubernetes.api_server {0:?}: {1}")]
+    ApiServer(String, String),
+    /// The bearer token file could not be read, or is empty.
+    #[error("actuate.kubernetes.token_file {0}: {1}")]
+    TokenFile(PathBuf, String),
     /// The CA bundle could not be read.
     #[error("CA bundle {0}: {1}")]
     Ca(PathBuf, String),
-    /// The HTTP client could not be built.
-    #[error("http client: {0}")]
-    Client(#[from] reqwest::Error),
+    /// The client could not be built (TLS set-up, for one).
+    #[error("kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// Points the client at a bearer token file, checked now so a bad path fails at start-up.
+///
+/// kube re-reads the file as it refreshes (service-account tokens rotate) but sends its
+/// content verbatim, while kubectl trims it; a file written by `echo` ends in a newline that
+/// would make every request fail. Such a file is used trimmed, as read now.
+fn bearer_token(
+    config: &mut kube::Config,
+    path: &std::path::Path,
+) -> Result<(), KubernetesSetupError> {
+    let bad = |e: String| KubernetesSetupError::TokenFile(path.to_path_buf(), e);
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(bad("the file is empty".into()));
+    }
+    if token.len() == text.len() {
+        config.auth_info.token_file = Some(path.to_string_lossy().into_owned());
+    } else {
+        tracing::warn!(
+            path = %path.display(),
+            "token file has surrounding whitespace; using it trimmed, as read at start-up \
+             (a rotated token is not picked up until restart)"
+        );
+        config.auth_info.token = Some(token.to_string().into());
+    }
+    Ok(())
+}
+
+/// The DER certificates of a PEM bundle.
+fn der_certificates(path: &std::path::Path) -> Result<Vec<Vec<u8>>, KubernetesSetupError> {
+    let bad = |e: String| KubernetesSetupError::Ca(path.to_path_buf(), e);
+    let text = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let certs: Vec<Vec<u8>> = pem::parse_many(&text)
+        .map_err(|e| bad(e.to_string()))?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(pem::Pem::into_contents)
+        .collect();
+    if certs.is_empty() {
+        return Err(bad("no CERTIFICATE in it".into()));
+    }
+    Ok(certs)
 }
 
 impl KubernetesDriver {
     /// A driver from config. `anon_key` is the filter's pseudonymisation key when instance
     /// ids are pseudonymised, so a restart can find its pod.
+    ///
+    /// With `api_server` set, that server with `token_file` and `ca_file`; otherwise what
+    /// `kubectl` would use: the kubeconfig (`KUBECONFIG` or `~/.kube/config`, its current
+    /// context, exec plugins and client certificates included), else the pod's service account.
     pub fn new(
         cfg: &KubernetesConfig,
         anon_key: Option<&[u8]>,
         handle: tokio::runtime::Handle,
     ) -> Result<Self, KubernetesSetupError> {
-        let sa = PathBuf::from(SA_DIR);
-        let base = match &cfg.api_server {
-            Some(url) => url.trim_end_matches('/').to_string(),
-            None => match (
-                std::env::var("KUBERNETES_SERVICE_HOST"),
-                std::env::var("KUBERNETES_SERVICE_PORT"),
-            ) {
-                (Ok(host), Ok(port)) => format!("https://{host}:{port}"),
-                _ => return Err(KubernetesSetupError::NoApiServer),
-            },
+        let mut config = match &cfg.api_server {
+            Some(url) => {
+                let uri = url
+                    .parse::<http::Uri>()
+                    .map_err(|e| KubernetesSetupError::ApiServer(url.clone(), e.to_string()))?;
+                let mut config = kube::Config::new(uri);
+                if let Some(path) = &cfg.token_file {
+                    bearer_token(&mut config, path)?;
+                }
+                config
+            }
+            None => handle
+                .block_on(kube::Config::infer())
+                .map_err(|e| KubernetesSetupError::NoApiServer(e.to_string()))?,
         };
-        let mut builder = reqwest::Client::builder().timeout(cfg.timeout);
-        let ca = cfg
-            .ca_file
-            .clone()
-            .or_else(|| Some(sa.join("ca.crt")).filter(|p| p.exists()));
-        if let Some(path) = ca {
-            let pem = std::fs::read(&path)
-                .map_err(|e| KubernetesSetupError::Ca(path.clone(), e.to_string()))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| KubernetesSetupError::Ca(path.clone(), e.to_string()))?;
-            builder = builder.add_root_certificate(cert);
+        if let Some(ca) = &cfg.ca_file {
+            config.root_cert = Some(der_certificates(ca)?);
+            config.root_cert_file = None;
         }
-        let token_file = cfg
-            .token_file
-            .clone()
-            .or_else(|| Some(sa.join("token")).filter(|p| p.exists()));
+        config.default_namespace.clone_from(&cfg.namespace);
+        config.connect_timeout = Some(cfg.timeout);
+        config.read_timeout = Some(cfg.timeout);
+        config.write_timeout = Some(cfg.timeout);
+        // The client's middleware spawns onto the runtime it is built in.
+        let client = {
+            let _runtime = handle.enter();
+            kube::Client::try_from(config)?
+        };
         Ok(Self {
             cfg: cfg.clone(),
-            base,
-            token_file,
-            client: builder.build()?,
+            client,
             handle,
             anonymizer: anon_key.map(ebb_udf_core::Anonymizer::new),
         })
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let mut r = self.client.request(method, format!("{}{path}", self.base));
-        if let Some(token) = self
-            .token_file
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-        {
-            r = r.bearer_auth(token.trim());
-        }
-        r
-    }
-
-    async fn send(&self, r: reqwest::RequestBuilder) -> Result<serde_json::Value, ActuateError> {
-        let response = r.send().await.map_err(|e| ActuateError::GaveUp {
-            attempts: 1,
-            last: e.to_string(),
-        })?;
-        let status = response.status();
-        let body: serde_json::Value = response.json().await.unwrap_or_default();
-        if status.is_success() {
-            Ok(body)
-        } else {
-            let message = body["message"].as_str().unwrap_or_default().to_string();
-            Err(ActuateError::Refused(format!("{status}: {message}")))
-        }
-    }
-
     async fn scale(&self, c: &Command, replicas: u32) -> Result<String, ActuateError> {
         let name = self.cfg.names.get(&c.service).unwrap_or(&c.service);
-        let kind = match self.cfg.kind {
-            WorkloadKind::Deployment => "deployments",
-            WorkloadKind::StatefulSet => "statefulsets",
+        let ns = &self.cfg.namespace;
+        let patch = Patch::Merge(serde_json::json!({"spec": {"replicas": replicas}}));
+        let params = PatchParams::default();
+        let (kind, result) = match self.cfg.kind {
+            WorkloadKind::Deployment => (
+                "deployments",
+                Api::<Deployment>::namespaced(self.client.clone(), ns)
+                    .patch_scale(name, &params, &patch)
+                    .await,
+            ),
+            WorkloadKind::StatefulSet => (
+                "statefulsets",
+                Api::<StatefulSet>::namespaced(self.client.clone(), ns)
+                    .patch_scale(name, &params, &patch)
+                    .await,
+            ),
         };
-        let path = format!(
-            "/apis/apps/v1/namespaces/{}/{kind}/{name}/scale",
-            self.cfg.namespace
-        );
-        let body = serde_json::json!({"spec": {"replicas": replicas}});
-        self.send(
-            self.request(reqwest::Method::PATCH, &path)
-                .header(
-                    reqwest::header::CONTENT_TYPE,
-                    "application/merge-patch+json",
-                )
-                .body(body.to_string()),
-        )
-        .await?;
-        Ok(format!("PATCH {path} replicas={replicas}"))
+        result.map_err(failure)?;
+        Ok(format!(
+            "PATCH /apis/apps/v1/namespaces/{ns}/{kind}/{name}/scale replicas={replicas}"
+        ))
     }
 
     async fn restart(&self, c: &Command, instance: &str) -> Result<String, ActuateError> {
         let ns = &self.cfg.namespace;
+        let pods = Api::<Pod>::namespaced(self.client.clone(), ns);
         let pod = match &self.anonymizer {
             None => instance.to_string(),
             Some(anonymizer) => {
                 let selector = self.cfg.pod_selector.replace("{service}", &c.service);
-                let list = self
-                    .send(self.request(
-                        reqwest::Method::GET,
-                        &format!(
-                            "/api/v1/namespaces/{ns}/pods?labelSelector={}",
-                            query_escape(&selector)
-                        ),
-                    ))
-                    .await?;
-                let names = list["items"]
-                    .as_array()
-                    .map(|items| {
-                        items
-                            .iter()
-                            .filter_map(|p| p["metadata"]["name"].as_str())
-                            .map(str::to_string)
-                            .collect::<Vec<_>>()
-                    })
-                    .unwrap_or_default();
-                names
+                let list = pods
+                    .list(&ListParams::default().labels(&selector))
+                    .await
+                    .map_err(failure)?;
+                list.items
                     .into_iter()
+                    .filter_map(|p| p.metadata.name)
                     .find(|n| n == instance || anonymizer.hash(n) == instance)
                     .ok_or_else(|| {
                         ActuateError::Unsupported(format!(
@@ -270,17 +276,33 @@ impl KubernetesDriver {
             }
         };
         let path = format!("/api/v1/namespaces/{ns}/pods/{pod}");
-        match self
-            .send(self.request(reqwest::Method::DELETE, &path))
-            .await
-        {
+        match pods.delete(&pod, &DeleteParams::default()).await {
             Ok(_) => Ok(format!("DELETE {path}")),
-            // Gone already: the restart it asked for has happened.
-            Err(ActuateError::Refused(m)) if m.starts_with("404") => {
+            // Gone already: the restart it asked for has happened. kube takes the code from the
+            // Status body the server sent, so the reason is checked too.
+            Err(kube::Error::Api(status)) if status.code == 404 || status.reason == "NotFound" => {
                 Ok(format!("DELETE {path}: already gone"))
             }
-            Err(e) => Err(e),
+            Err(e) => Err(failure(e)),
         }
+    }
+}
+
+/// A failed call as the actuator reports it: the API server's refusal with its status, or a
+/// transport failure.
+fn failure(e: kube::Error) -> ActuateError {
+    match e {
+        // A Status body without a code still names its reason; show whichever the server gave.
+        kube::Error::Api(status) if status.code == 0 => {
+            ActuateError::Refused(format!("{}: {}", status.reason, status.message))
+        }
+        kube::Error::Api(status) => {
+            ActuateError::Refused(format!("{}: {}", status.code, status.message))
+        }
+        other => ActuateError::GaveUp {
+            attempts: 1,
+            last: other.to_string(),
+        },
     }
 }
 

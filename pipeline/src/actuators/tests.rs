@@ -306,18 +306,22 @@ fn webhook_does_not_retry_a_refusal_and_gives_up_on_timeouts() -> Result<(), Err
     Ok(())
 }
 
-fn k8s(
+/// A driver against `url` whose token file holds `token` verbatim.
+fn k8s_with(
     url: &str,
     handle: tokio::runtime::Handle,
     key: Option<&[u8]>,
+    token: &str,
 ) -> Result<KubernetesDriver, Err> {
+    static FILES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!("ebb-k8s-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let token = dir.join("token");
-    std::fs::write(&token, "tok-123\n")?;
+    let n = FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let token_file = dir.join(format!("token-{n}"));
+    std::fs::write(&token_file, token)?;
     let cfg = KubernetesConfig {
         api_server: Some(url.into()),
-        token_file: Some(token),
+        token_file: Some(token_file),
         namespace: "shop".into(),
         names: [("checkout".to_string(), "checkout-web".to_string())].into(),
         ..KubernetesConfig::default()
@@ -325,11 +329,55 @@ fn k8s(
     Ok(KubernetesDriver::new(&cfg, key, handle)?)
 }
 
+/// A driver whose token file was written by `echo`: trailing newline and all.
+fn k8s(
+    url: &str,
+    handle: tokio::runtime::Handle,
+    key: Option<&[u8]>,
+) -> Result<KubernetesDriver, Err> {
+    k8s_with(url, handle, key, "tok-123\n")
+}
+
+#[test]
+fn a_missing_or_empty_token_file_fails_at_start_up_naming_the_key() -> Result<(), Err> {
+    let s = server(Vec::new())?;
+    let cfg = KubernetesConfig {
+        api_server: Some(s.url.clone()),
+        token_file: Some("/nonexistent/ebb/token".into()),
+        ..KubernetesConfig::default()
+    };
+    let err = KubernetesDriver::new(&cfg, None, s.runtime.handle().clone())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("actuate.kubernetes.token_file /nonexistent/ebb/token"),
+        "{err}"
+    );
+    let err = k8s_with(&s.url, s.runtime.handle().clone(), None, " \n")
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("empty"), "{err}");
+    Ok(())
+}
+
+/// What an API server answers to a scale patch and a pod delete.
+const SCALE: &str = r#"{"apiVersion":"autoscaling/v1","kind":"Scale","metadata":{"name":"checkout-web","namespace":"shop"},"spec":{"replicas":6},"status":{"replicas":4}}"#;
+const DELETED: &str =
+    r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"checkout-5f01","namespace":"shop"}}"#;
+
+/// A request's path and its query pairs (still percent-encoded).
+fn split(uri: &str) -> (&str, Vec<&str>) {
+    let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+    (path, query.split('&').filter(|p| !p.is_empty()).collect())
+}
+
 #[test]
 fn kubernetes_patches_the_scale_subresource_and_deletes_the_pod() -> Result<(), Err> {
     let s = server(vec![
-        (200, Duration::ZERO, "{}"),
-        (200, Duration::ZERO, "{}"),
+        (200, Duration::ZERO, SCALE),
+        (200, Duration::ZERO, DELETED),
     ])?;
     let mut d = k8s(&s.url, s.runtime.handle().clone(), None)?;
     d.apply(&command("a", "scale", false))?;
@@ -338,8 +386,11 @@ fn kubernetes_patches_the_scale_subresource_and_deletes_the_pod() -> Result<(), 
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].method, Method::PATCH);
     assert_eq!(
-        seen[0].uri,
-        "/apis/apps/v1/namespaces/shop/deployments/checkout-web/scale"
+        split(&seen[0].uri),
+        (
+            "/apis/apps/v1/namespaces/shop/deployments/checkout-web/scale",
+            vec![]
+        )
     );
     assert_eq!(
         seen[0]
@@ -358,36 +409,165 @@ fn kubernetes_patches_the_scale_subresource_and_deletes_the_pod() -> Result<(), 
         Some("Bearer tok-123")
     );
     assert_eq!(seen[1].method, Method::DELETE);
-    assert_eq!(seen[1].uri, "/api/v1/namespaces/shop/pods/checkout-5f01");
+    assert_eq!(
+        split(&seen[1].uri).0,
+        "/api/v1/namespaces/shop/pods/checkout-5f01"
+    );
+    // The API server's refusal is reported with its status and message.
+    let s = server(vec![(
+        403,
+        Duration::ZERO,
+        r#"{"apiVersion":"v1","kind":"Status","status":"Failure","message":"deployments.apps \"checkout-web\" is forbidden","reason":"Forbidden","code":403}"#,
+    )])?;
+    let mut d = k8s(&s.url, s.runtime.handle().clone(), None)?;
+    match d.apply(&command("c", "scale", false)) {
+        Err(ActuateError::Refused(m)) => {
+            assert!(m.starts_with("403: ") && m.contains("forbidden"), "{m}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
     Ok(())
 }
 
 #[test]
 fn kubernetes_finds_the_pod_behind_a_pseudonym() -> Result<(), Err> {
     let key = b"filter-key";
-    let pods = r#"{"items":[{"metadata":{"name":"checkout-7d9-a"}},{"metadata":{"name":"checkout-7d9-b"}}]}"#;
+    let pods = r#"{"apiVersion":"v1","kind":"PodList","metadata":{"resourceVersion":"7"},"items":[{"metadata":{"name":"checkout-7d9-a"}},{"metadata":{"name":"checkout-7d9-b"}}]}"#;
     let s = server(vec![
         (200, Duration::ZERO, pods),
-        (404, Duration::ZERO, "{}"),
+        (
+            404,
+            Duration::ZERO,
+            r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"pods \"checkout-7d9-b\" not found","reason":"NotFound","details":{"name":"checkout-7d9-b","kind":"pods"},"code":404}"#,
+        ),
     ])?;
-    let mut d = k8s(&s.url, s.runtime.handle().clone(), Some(key))?;
+    // A token file without a newline is handed to kube to re-read as it rotates.
+    let mut d = k8s_with(&s.url, s.runtime.handle().clone(), Some(key), "tok-456")?;
     let mut c = command("r", "restart", false);
     c.instance = Some(ebb_udf_core::anonymize(key, "checkout-7d9-b"));
     let detail = d.apply(&c)?;
     assert!(detail.contains("already gone"), "{detail}");
     let seen = s.seen();
-    assert_eq!(seen[0].method, Method::GET);
     assert_eq!(
-        seen[0].uri,
-        "/api/v1/namespaces/shop/pods?labelSelector=app%3Dcheckout"
+        seen[0]
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer tok-456")
     );
+    assert_eq!(seen[0].method, Method::GET);
+    let (path, query) = split(&seen[0].uri);
+    assert_eq!(path, "/api/v1/namespaces/shop/pods");
+    assert!(query.contains(&"labelSelector=app%3Dcheckout"), "{query:?}");
     assert_eq!(seen[1].method, Method::DELETE);
-    assert_eq!(seen[1].uri, "/api/v1/namespaces/shop/pods/checkout-7d9-b");
+    assert_eq!(
+        split(&seen[1].uri).0,
+        "/api/v1/namespaces/shop/pods/checkout-7d9-b"
+    );
     // An instance no pod hashes to is refused, not guessed.
     let s = server(vec![(200, Duration::ZERO, pods)])?;
     let mut d = k8s(&s.url, s.runtime.handle().clone(), Some(key))?;
     c.instance = Some("0123456789abcdef".into());
     assert!(matches!(d.apply(&c), Err(ActuateError::Unsupported(_))));
     assert_eq!(s.seen().len(), 1, "nothing deleted");
+    Ok(())
+}
+
+/// Runs `payload` through `a`; its outputs and dead-letter reasons.
+fn run_payload(a: &mut Actuator, payload: &[u8]) -> (Vec<crate::stage::Output>, Vec<String>) {
+    let mut emitter = Emitter::new();
+    a.process(
+        &Input {
+            key: Some(b"checkout"),
+            payload: Some(payload),
+            headers: Vec::new(),
+            source: Source {
+                topic: "commands".into(),
+                partition: 0,
+                offset: 0,
+            },
+        },
+        &mut emitter,
+    );
+    let (outputs, dead) = emitter.drain();
+    (
+        outputs,
+        dead.into_iter().map(|d| d.reason.to_string()).collect(),
+    )
+}
+
+#[test]
+fn avro_commands_are_carried_out_and_unreadable_ones_dead_lettered_with_the_reason(
+) -> Result<(), Err> {
+    let codec = crate::codec::avro::test_codec();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let mut a = Actuator::new(
+        Box::new(Counting(calls.clone())),
+        false,
+        Duration::from_secs(600),
+        at("2026-12-01T10:00:05Z"),
+    )
+    .reading_avro(codec.clone());
+    let c = command("checkout/1/restart", "restart", false);
+    let payload = codec.encode_event(crate::codec::EventSchema::Commands, &c)?;
+    let (outputs, dead) = run_payload(&mut a, &payload);
+    assert!(dead.is_empty(), "{dead:?}");
+    let record: Actuation = serde_json::from_slice(&outputs[0].payload)?;
+    assert_eq!(
+        (record.command_id.as_str(), record.outcome.as_str()),
+        ("checkout/1/restart", "applied")
+    );
+    assert_eq!(
+        calls.lock().map(|v| v.clone()).unwrap_or_default(),
+        ["checkout/1/restart"]
+    );
+    // A schema id the registry never gave, and a truncated datum.
+    let mut unknown = payload.clone();
+    unknown[4] = 99;
+    assert_eq!(run_payload(&mut a, &unknown).1, ["unknown_schema_id"]);
+    assert_eq!(
+        run_payload(&mut a, &payload[..payload.len() - 4]).1,
+        ["malformed"]
+    );
+    assert_eq!(
+        run_payload(&mut a, b"{\"command_id\": 1}").1,
+        ["wrong_type"]
+    );
+    assert_eq!(calls.lock().map(|v| v.len()).unwrap_or_default(), 1);
+    Ok(())
+}
+
+#[test]
+fn an_avro_command_written_under_a_newer_compatible_schema_is_read() -> Result<(), Err> {
+    // A producer that evolved commands.avsc with a defaulted field: readers of ours still act.
+    let mut schema: serde_json::Value = serde_json::from_str(crate::codec::avro::COMMANDS_SCHEMA)?;
+    if let Some(fields) = schema["fields"].as_array_mut() {
+        fields.push(serde_json::json!({"name": "ticket", "type": "string", "default": ""}));
+    }
+    let newer = apache_avro::Schema::parse_str(&schema.to_string())?;
+    let codec = crate::codec::avro::test_codec();
+    codec.schemas.insert(42, &schema.to_string())?;
+    let c = command("checkout/2/scale", "scale", false);
+    let value = apache_avro::to_value(&c)?;
+    let apache_avro::types::Value::Record(mut fields) = value else {
+        panic!("a command is a record");
+    };
+    fields.push((
+        "ticket".into(),
+        apache_avro::types::Value::String("OPS-1".into()),
+    ));
+    let value = apache_avro::types::Value::Record(fields).resolve(&newer)?;
+    let mut payload = vec![0, 0, 0, 0, 42];
+    payload.extend(
+        apache_avro::writer::datum::GenericDatumWriter::builder(&newer)
+            .build()?
+            .write_value_to_vec(value)?,
+    );
+    let (_, read) = crate::codec::decode_event::<Command>(
+        &payload,
+        crate::codec::EventSchema::Commands,
+        &codec,
+    )?;
+    assert_eq!(read, c);
     Ok(())
 }
