@@ -6,6 +6,9 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
+# The one target directory the test command uses too (.ci/run): a fresh checkout builds
+# nothing twice.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${EBB_CACHE:-$HOME/.cache/ebb}/target}"
 what="${1:-window}"; shift || true
 case "$what" in
   window)
