@@ -202,6 +202,9 @@ struct Pending {
     model: f32,
     last: f32,
     yesterday: Option<f32>,
+    /// The error-weighted blend of the three, published or not (absent in older snapshots).
+    #[serde(default)]
+    blend: Option<f32>,
     value: f32,
 }
 
@@ -272,6 +275,9 @@ struct Horizon {
     rls: Rls,
     pending: VecDeque<Pending>,
     mae: [Option<f64>; 3],
+    /// Recent absolute error of the blend (absent in older snapshots).
+    #[serde(default)]
+    mae_blend: Option<f64>,
     scored: u32,
     residuals: VecDeque<f32>,
 }
@@ -302,6 +308,7 @@ impl Forecaster {
                     rls: Rls::new(),
                     pending: VecDeque::new(),
                     mae: [None; 3],
+                    mae_blend: None,
                     scored: 0,
                     residuals: VecDeque::new(),
                 })
@@ -387,7 +394,7 @@ impl Forecaster {
             .map(|v| v.clamp(-50.0, 50.0));
             let hz = &mut self.horizons[h];
             let model = y_fit + hz.rls.predict(&x).clamp(-TARGET_CAP, TARGET_CAP) * scale;
-            let (method, value) = choose(hz, model, y_fit, yesterday);
+            let (method, value, blend) = choose(hz, model, y_fit, yesterday);
             let mut sorted: Vec<f32> = hz.residuals.iter().map(|r| r.abs()).collect();
             sorted.sort_by(f32::total_cmp);
             let spread = if sorted.len() >= 8 {
@@ -404,6 +411,7 @@ impl Forecaster {
                 model: model as f32,
                 last: y_fit as f32,
                 yesterday: yesterday.map(|v| v as f32),
+                blend: blend.map(|v| v as f32),
                 value: value as f32,
             });
             // Bounded: a series that stops advancing in time cannot grow this without end.
@@ -436,6 +444,12 @@ impl Forecaster {
                 let Some(p) = hz.pending.pop_front() else {
                     break;
                 };
+                // Seen well after its target (a gap in the series), the value says nothing of
+                // what the target was: learning from it would teach the model, and score the
+                // naive forecasts, on a horizon it is never asked for.
+                if t_ms - p.target_ms > hz.horizon_ms / 2 {
+                    continue;
+                }
                 let x = p.x.map(f64::from);
                 hz.rls.learn(
                     &x,
@@ -447,7 +461,13 @@ impl Forecaster {
                     (f64::from(p.last) - y).abs(),
                     p.yesterday.map_or(f64::NAN, |v| (f64::from(v) - y).abs()),
                 ];
-                for (m, e) in hz.mae.iter_mut().zip(errors) {
+                let blend = p.blend.map_or(f64::NAN, |v| (f64::from(v) - y).abs());
+                for (m, e) in hz
+                    .mae
+                    .iter_mut()
+                    .chain([&mut hz.mae_blend])
+                    .zip(errors.into_iter().chain([blend]))
+                {
                     if e.is_finite() {
                         *m = Some(m.map_or(e, |m| m + alpha * (e - m)));
                     }
@@ -467,11 +487,17 @@ impl Forecaster {
     }
 }
 
-/// The forecast a horizon publishes: the model unless a naive forecast has been doing
-/// better lately (or the model has not been scored yet).
-fn choose(hz: &Horizon, model: f64, last: f64, yesterday: Option<f64>) -> (Method, f64) {
+/// The forecast a horizon publishes, and the blend it was chosen against: the blend of the
+/// model and the naive forecasts, unless the last value leads and alone has been doing better
+/// lately (or the model has not been scored yet).
+fn choose(
+    hz: &Horizon,
+    model: f64,
+    last: f64,
+    yesterday: Option<f64>,
+) -> (Method, f64, Option<f64>) {
     if hz.scored < WARMUP_SCORED || !model.is_finite() {
-        return (Method::Last, last);
+        return (Method::Last, last, None);
     }
     // Each forecast weighs by the inverse square of its recent error: the combination beats
     // hard switching, which flaps on noise, and a forecast that has gone bad fades out.
@@ -487,9 +513,9 @@ fn choose(hz: &Horizon, model: f64, last: f64, yesterday: Option<f64>) -> (Metho
     ];
     let total: f64 = candidates.iter().map(|c| c.2).sum();
     if !(total > 0.0 && total.is_finite()) {
-        return (Method::Last, last);
+        return (Method::Last, last, None);
     }
-    let value = candidates
+    let blend = candidates
         .iter()
         .filter(|c| c.2 > 0.0)
         .map(|c| c.1 * c.2)
@@ -498,7 +524,14 @@ fn choose(hz: &Horizon, model: f64, last: f64, yesterday: Option<f64>) -> (Metho
     let lead = candidates
         .iter()
         .fold(candidates[0], |a, c| if c.2 > a.2 { *c } else { a });
-    (lead.0, value)
+    // On a series close to a random walk (travel times, bursty counts) the blend's share of
+    // a worse model costs more than it gains: while the last value leads and has also been
+    // beating the blend it is published alone, and the blend, still scored, takes over once
+    // it is ahead. (Decide already treats a forecast led by the last value as no forecast.)
+    match (hz.mae_blend, hz.mae[Method::Last as usize]) {
+        (Some(b), Some(l)) if lead.0 == Method::Last && l < b => (Method::Last, last, Some(blend)),
+        _ => (lead.0, blend, Some(blend)),
+    }
 }
 
 /// The two-sided normal quantile for coverage `p` (e.g. 0.9 -> 1.645), by bisection on erf.

@@ -205,6 +205,69 @@ fn the_forecast_beats_both_naive_forecasts_on_a_daily_cycle_with_a_ramp() {
 }
 
 #[test]
+fn a_value_seen_long_after_its_target_does_not_teach_the_forecaster() {
+    let cfg = ForecastConfig {
+        horizons: vec![std::time::Duration::from_secs(60)],
+        ..ForecastConfig::default()
+    };
+    // Each forecast is for a minute ahead, but the next sample comes ten minutes later: no
+    // forecast ever meets its target, so none may count towards the warm-up.
+    let mut gappy = Forecaster::new(&cfg);
+    for i in 0..40 {
+        gappy.update(i * 600_000, 100.0 + (i % 3) as f64, &cfg);
+    }
+    assert!(
+        gappy.warming_up(),
+        "scored forecasts against values seen 9 minutes late"
+    );
+    let mut regular = Forecaster::new(&cfg);
+    for i in 0..40 {
+        regular.update(i * 60_000, 100.0 + (i % 3) as f64, &cfg);
+    }
+    assert!(!regular.warming_up());
+}
+
+#[test]
+fn a_spiky_random_walk_sampled_with_gaps_is_forecast_as_well_as_its_last_value() {
+    use crate::eval::forecast::evaluate;
+    use crate::eval::series::Series;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    // Ten-minute samples with missing runs (as road sensors report), a level that wanders
+    // with heavy-tailed steps: nothing to learn, so the last value is as good as it gets and
+    // the published forecast must not be worse.
+    let (mut times, mut values) = (Vec::new(), Vec::new());
+    let (mut t, mut level) = (0i64, 400.0f64);
+    let step = Normal::new(0.0, 15.0).ok();
+    while times.len() < 4000 {
+        t += 600_000
+            * if rng.random_bool(0.25) {
+                rng.random_range(2..5)
+            } else {
+                1
+            };
+        let jump = if rng.random_bool(0.05) {
+            rng.random_range(-300.0..300.0)
+        } else {
+            0.0
+        };
+        level = (level + step.map_or(0.0, |d| d.sample(&mut rng)) + jump).clamp(50.0, 2000.0);
+        times.push(t);
+        values.push(level);
+    }
+    let series = Series {
+        raw_times: times.iter().map(|t| t.to_string()).collect(),
+        raw_values: values.iter().map(|v| v.to_string()).collect(),
+        times,
+        values,
+    };
+    let score = evaluate(&series, &ForecastConfig::default());
+    for e in &score.horizons {
+        assert!(e.n > 1000, "{}: {} scored", e.horizon, e.n);
+        assert!(e.skill_vs_last > -0.01, "{}: {e:?}", e.horizon);
+    }
+}
+
+#[test]
 fn a_bad_detector_setting_names_its_key() {
     let cfg = DetectorConfig {
         clusters: 0,
