@@ -43,6 +43,15 @@ pub struct OutputLabel {
     pub output: String,
 }
 
+/// Labels naming a stage and an event it noted about its own state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    /// Stage name.
+    pub stage: String,
+    /// Event.
+    pub event: String,
+}
+
 /// Labels naming a partition a stage consumes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PartitionLabel {
@@ -120,6 +129,9 @@ pub struct Metrics {
     /// Partitions a stage's consumer holds: a member of a group with none is idle (more
     /// instances than partitions).
     pub partitions: Family<StageLabel, Gauge>,
+    /// Events a stage noted about its own state (forecast model resets, load signals gone
+    /// missing).
+    pub events: Family<EventLabel, Counter>,
     stages: Mutex<BTreeMap<String, Arc<StageCounts>>>,
 }
 
@@ -151,6 +163,7 @@ impl Metrics {
         let consumer_lag = Family::<PartitionLabel, Gauge>::default();
         let retries = Family::<StageLabel, Counter>::default();
         let partitions = Family::<StageLabel, Gauge>::default();
+        let events = Family::<EventLabel, Counter>::default();
         registry.register(
             "records_in",
             "Records consumed by a stage",
@@ -191,6 +204,11 @@ impl Metrics {
             "Partitions the stage's consumer holds",
             partitions.clone(),
         );
+        registry.register(
+            "stage_events",
+            "Events a stage noted about its own state: forecast model resets, load signals gone missing",
+            events.clone(),
+        );
         Self {
             registry,
             records_in,
@@ -201,6 +219,7 @@ impl Metrics {
             consumer_lag,
             retries,
             partitions,
+            events,
             stages: Mutex::new(BTreeMap::new()),
         }
     }
@@ -222,6 +241,30 @@ impl Metrics {
                 reason: (*reason).to_string(),
             };
             self.records_rejected.get_or_create(&label).inc_by(0);
+        }
+    }
+
+    /// Creates a stage's event counters at zero, one per event it can note.
+    pub fn declare_events(&self, stage: &str, events: &[&str]) {
+        for event in events {
+            self.events
+                .get_or_create(&EventLabel {
+                    stage: stage.to_string(),
+                    event: (*event).to_string(),
+                })
+                .inc_by(0);
+        }
+    }
+
+    /// Counts the events noted with an acknowledged batch.
+    pub fn record_events(&self, stage: &str, events: &BTreeMap<&'static str, u64>) {
+        for (event, n) in events {
+            self.events
+                .get_or_create(&EventLabel {
+                    stage: stage.to_string(),
+                    event: (*event).to_string(),
+                })
+                .inc_by(*n);
         }
     }
 
@@ -321,6 +364,20 @@ mod tests {
             page.contains("ebb_records_rejected_total{stage=\"filter\",reason=\"outlier\"} 0"),
             "{page}"
         );
+    }
+
+    #[test]
+    fn declared_events_start_at_zero_and_count_what_batches_noted() {
+        let m = Metrics::new();
+        m.declare_events("models", &["forecast_model_reset", "load_signal_missing"]);
+        m.record_events("models", &BTreeMap::from([("load_signal_missing", 2)]));
+        let page = m.encode();
+        for line in [
+            "ebb_stage_events_total{stage=\"models\",event=\"forecast_model_reset\"} 0",
+            "ebb_stage_events_total{stage=\"models\",event=\"load_signal_missing\"} 2",
+        ] {
+            assert!(page.contains(line), "{line} not in {page}");
+        }
     }
 
     #[test]

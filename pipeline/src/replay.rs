@@ -199,11 +199,8 @@ impl Policy for Ebb {
         // and decide waits for that forecast.
         let predictions = self.forecaster.update(t_ms, load, &self.forecast_cfg);
         if !predictions.is_empty() {
-            self.last = Some(StoredForecast::new(
-                t_ms,
-                !self.forecaster.warming_up(),
-                &predictions,
-            ));
+            let status = self.forecaster.status();
+            self.last = Some(StoredForecast::new(t_ms, status, &predictions));
         }
         // As decide: far enough ahead to reach the next decision's replicas serving.
         let forecast = self

@@ -5,6 +5,8 @@
 //! dead letter; `on_time` hears that time moved on. Neither touches Kafka, the network or
 //! the wall clock, so the same value runs under the Kafka runner, in tests and in replay.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 
 /// Where a record came from: the coordinates a dead letter names.
@@ -72,6 +74,7 @@ pub struct DeadLetter {
 pub struct Emitter {
     outputs: Vec<Output>,
     dead_letters: Vec<DeadLetter>,
+    events: BTreeMap<&'static str, u64>,
 }
 
 impl Emitter {
@@ -104,6 +107,17 @@ impl Emitter {
                 .collect(),
             source: input.source.clone(),
         });
+    }
+
+    /// Notes an event about the stage's own state (a model reset, an input gone missing),
+    /// counted in the metrics once the batch it came with is delivered.
+    pub fn note(&mut self, event: &'static str) {
+        *self.events.entry(event).or_default() += 1;
+    }
+
+    /// Takes the events noted so far.
+    pub fn take_events(&mut self) -> BTreeMap<&'static str, u64> {
+        std::mem::take(&mut self.events)
     }
 
     /// Outputs emitted so far.

@@ -190,6 +190,7 @@ pub fn models(
     tables: Option<ModelTables>,
 ) -> Result<(ModelsStage, RunContext), WiringError> {
     metrics.declare_reasons("models", crate::stages::models::REASONS);
+    metrics.declare_events("models", crate::stages::models::EVENTS);
     // Anomalies and forecasts leave in the format their window's aggregates came in.
     let (cache, avro) = avro_support(config, schemas::models_outputs(&config.topics), handle)?;
     let mut stage = ModelsStage::new(config.models.clone(), AvroCodec { schemas: cache });

@@ -261,6 +261,7 @@ struct Tracker {
 struct Tally {
     outputs: BTreeMap<&'static str, u64>,
     reasons: BTreeMap<&'static str, u64>,
+    events: BTreeMap<&'static str, u64>,
 }
 
 impl Tally {
@@ -270,6 +271,9 @@ impl Tally {
         }
         for (k, n) in &other.reasons {
             *self.reasons.entry(k).or_default() += n;
+        }
+        for (k, n) in &other.events {
+            *self.events.entry(k).or_default() += n;
         }
     }
 }
@@ -975,6 +979,9 @@ fn collect(
     records: &mut Vec<Outgoing>,
 ) -> Result<(), RunnerError> {
     let (outputs, dead_letters) = emitter.drain();
+    for (event, n) in emitter.take_events() {
+        *tally.events.entry(event).or_default() += n;
+    }
     for Output {
         output,
         key,
@@ -1062,7 +1069,11 @@ impl Loop {
                 debug!(stage = %label.stage, error = %e, "offsets not stored (partition revoked?)");
             }
         }
-        if records == 0 && tally.outputs.is_empty() && tally.reasons.is_empty() {
+        if records == 0
+            && tally.outputs.is_empty()
+            && tally.reasons.is_empty()
+            && tally.events.is_empty()
+        {
             return;
         }
         let now_ms = ctx.clock.now().timestamp_millis();
@@ -1076,6 +1087,7 @@ impl Loop {
         self.summary.dead_lettered += tally.reasons.values().sum::<u64>();
         ctx.metrics
             .record_batch(&label.stage, records, &tally.outputs, &tally.reasons);
+        ctx.metrics.record_events(&label.stage, &tally.events);
     }
 }
 

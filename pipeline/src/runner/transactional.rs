@@ -181,6 +181,7 @@ pub fn run_transactional<S: Stage>(
                 summary.emitted += outputs.values().sum::<u64>();
                 summary.dead_lettered += reasons.values().sum::<u64>();
                 ctx.metrics.record_batch(name, consumed, outputs, reasons);
+                ctx.metrics.record_events(name, &tally.events);
                 let now_ms = ctx.clock.now().timestamp_millis();
                 let latency = ctx.metrics.record_latency_seconds.get_or_create(&label);
                 for m in &batch {
@@ -209,6 +210,7 @@ pub fn run_transactional<S: Stage>(
                     warn!(stage = name, error = %e, "abort failed");
                 }
                 emitter.drain();
+                emitter.take_events();
                 rewind(&consumer, &mut stage, &ctx, timeout);
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(30));

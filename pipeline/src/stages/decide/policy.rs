@@ -21,8 +21,11 @@ const MIN_LEARNING_UTILIZATION: f64 = 0.05;
 pub struct ForecastView {
     /// When it was made (epoch ms).
     pub made_at_ms: i64,
-    /// False while the forecaster warms up.
+    /// False unless the forecaster's status was `ok`.
     pub ready: bool,
+    /// The forecaster's status (`ok`, `warming_up`, `model_reset`; empty in older state).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub status: String,
     /// The horizon used (ms).
     pub horizon_ms: i64,
     /// Forecast value.
@@ -43,8 +46,11 @@ pub struct ForecastView {
 pub struct StoredForecast {
     /// When it was made (epoch ms).
     pub made_at_ms: i64,
-    /// False while the forecaster warms up.
+    /// False unless the forecaster's status was `ok`.
     pub ready: bool,
+    /// The forecaster's status (empty in older state).
+    #[serde(default)]
+    pub status: String,
     /// (horizon ms, value, lower, upper, method, recent MAE), shortest horizon first.
     pub horizons: Vec<(i64, f64, f64, f64, String, Option<f64>)>,
 }
@@ -53,7 +59,7 @@ impl StoredForecast {
     /// From a forecaster's predictions made at `made_at_ms`.
     pub fn new(
         made_at_ms: i64,
-        ready: bool,
+        status: &str,
         predictions: &[crate::stages::models::forecast::Prediction],
     ) -> Self {
         let mut horizons: Vec<_> = predictions
@@ -72,7 +78,8 @@ impl StoredForecast {
         horizons.sort_by_key(|h| h.0);
         Self {
             made_at_ms,
-            ready,
+            ready: status == "ok",
+            status: status.to_string(),
             horizons,
         }
     }
@@ -91,6 +98,7 @@ impl StoredForecast {
         Some(ForecastView {
             made_at_ms: self.made_at_ms,
             ready: self.ready,
+            status: self.status.clone(),
             horizon_ms: h.0,
             value: h.1,
             lower: h.2,
@@ -206,7 +214,11 @@ fn forecast_problem<'a>(
     };
     let stale_ms = i64::try_from(cfg.forecast_staleness.as_millis()).unwrap_or(i64::MAX);
     let why = if !f.ready {
-        Some("forecast warming up".to_string())
+        Some(match f.status.as_str() {
+            "" | "warming_up" => "forecast warming up".to_string(),
+            "model_reset" => "forecast model reset (numerical breakdown)".to_string(),
+            other => format!("forecast status {other}"),
+        })
     } else if obs.window_start - f.made_at_ms > stale_ms {
         // Age at the window's start: a decision uses the forecast made at the window's end,
         // or the previous window's when this one's has not come; both count as fresh,

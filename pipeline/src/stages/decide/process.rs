@@ -284,7 +284,7 @@ impl DecideStage {
         if e.horizons.is_empty() {
             return;
         }
-        let stored = StoredForecast::new(made_at_ms, e.status == "ok", &e.horizons);
+        let stored = StoredForecast::new(made_at_ms, &e.status, &e.horizons);
         let service = e.service;
         let state = self.state(&service, partition);
         if state.forecasts.iter().any(|f| f.made_at_ms == made_at_ms) {

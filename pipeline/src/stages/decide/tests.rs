@@ -318,6 +318,7 @@ fn obs(end: i64, load: f64, replicas: u32, forecast: Option<f64>) -> Observation
         forecast: forecast.map(|v| ForecastView {
             made_at_ms: end - MINUTE,
             ready: true,
+            status: "ok".into(),
             horizon_ms: MINUTE,
             value: v,
             lower: v * 0.9,
@@ -499,14 +500,19 @@ fn at_the_cost_ceiling_a_rise_is_followed_as_the_hpa_rule_would_and_the_command_
 }
 
 #[test]
-fn stale_or_warming_forecasts_fall_back_to_the_reactive_rule_and_say_so() {
+fn stale_warming_or_reset_forecasts_fall_back_to_the_reactive_rule_and_say_so() {
     let cfg = ScaleConfig::default();
-    for (case, made_ago, ready) in [("stale", 10 * MINUTE, true), ("warming", MINUTE, false)] {
+    for (case, made_ago, status, says) in [
+        ("stale", 10 * MINUTE, "ok", "stale"),
+        ("warming", MINUTE, "warming_up", "warming up"),
+        ("reset", MINUTE, "model_reset", "model reset"),
+    ] {
         let mut state = ScaleState::default();
         let mut o = obs(T0 + 60 * MINUTE, 560.0, 4, Some(100.0));
         if let Some(f) = o.forecast.as_mut() {
             f.made_at_ms = o.window_end - made_ago;
-            f.ready = ready;
+            f.ready = status == "ok";
+            f.status = status.into();
         }
         let Some(d) = policy::scale(&mut state, &cfg, &limits(50), &o) else {
             panic!("{case}: 140% utilization must scale up");
@@ -515,10 +521,7 @@ fn stale_or_warming_forecasts_fall_back_to_the_reactive_rule_and_say_so() {
         // ceil(4 x 1.4 / 0.7) = 8.
         assert_eq!(d.target, 8, "{case}: {}", d.reason);
         let why = d.fallback.unwrap_or_default();
-        assert!(
-            why.contains(if ready { "stale" } else { "warming" }),
-            "{case}: {why}"
-        );
+        assert!(why.contains(says), "{case}: {why}");
     }
 }
 

@@ -231,14 +231,16 @@ impl Rls {
         self.w.iter().zip(x).map(|(w, x)| w * x).sum()
     }
 
-    fn learn(&mut self, x: &[f64; INPUTS], y: f64, lambda: f64) {
+    /// Learns `y` at `x`; true when the update broke down numerically and the model was
+    /// reset.
+    fn learn(&mut self, x: &[f64; INPUTS], y: f64, lambda: f64) -> bool {
         let mut px = [0.0; INPUTS];
         for (i, row) in self.p.iter().enumerate() {
             px[i] = row.iter().zip(x).map(|(p, x)| p * x).sum();
         }
         let denom = lambda + x.iter().zip(&px).map(|(x, p)| x * p).sum::<f64>();
         if !(denom.is_finite() && denom > 1e-12) {
-            return;
+            return false;
         }
         let err = y - self.predict(x);
         let mut next = self.clone();
@@ -255,7 +257,7 @@ impl Rls {
             && next.p.iter().flatten().all(|p| p.is_finite());
         if !sane {
             *self = Rls::new();
-            return;
+            return true;
         }
         // Forgetting inflates P along directions the inputs stop exciting (a flat night,
         // a constant series) until one new input swings the weights wildly: cap it.
@@ -265,6 +267,7 @@ impl Rls {
             next.p.iter_mut().flatten().for_each(|p| *p *= f);
         }
         *self = next;
+        false
     }
 }
 
@@ -294,6 +297,14 @@ pub struct Forecaster {
     scale: f64,
     last: Option<(i64, f64)>,
     seen: u64,
+    /// A regression was reset since the last forecast was published (absent in older
+    /// snapshots).
+    #[serde(default)]
+    reset: bool,
+    /// A forecast step has passed without a value since the last one (absent in older
+    /// snapshots).
+    #[serde(default)]
+    input_missing: bool,
 }
 
 impl Forecaster {
@@ -319,7 +330,30 @@ impl Forecaster {
             scale: 0.0,
             last: None,
             seen: 0,
+            reset: false,
+            input_missing: false,
         }
+    }
+
+    /// The status of the forecasts [`Forecaster::update`] just made: `model_reset` when a
+    /// regression broke down numerically and started over since the last ones, `warming_up`
+    /// while too few have been scored, else `ok`. Anything but `ok` is not to be acted on.
+    pub fn status(&mut self) -> &'static str {
+        if std::mem::take(&mut self.reset) {
+            "model_reset"
+        } else if self.warming_up() {
+            "warming_up"
+        } else {
+            "ok"
+        }
+    }
+
+    /// Notes a forecast step that passed without a value. Returns the last value seen the
+    /// first time this happens after a value (the input has gone stale), `None` after that
+    /// or before any value.
+    pub fn missed_step(&mut self) -> Option<f64> {
+        let last = self.last.map(|(_, v)| v)?;
+        (!std::mem::replace(&mut self.input_missing, true)).then_some(last)
     }
 
     /// Whether no horizon has been scored often enough to publish its regression yet.
@@ -345,6 +379,7 @@ impl Forecaster {
             return Vec::new();
         }
         self.seen += 1;
+        self.input_missing = false;
         // A poisoned value (orders of magnitude off, like 1e300) is clipped before it
         // reaches anything: the regression, the profile, the "last value" forecast. The band
         // is wide on purpose (a hundred times the level): a real burst is never clipped, and
@@ -451,7 +486,7 @@ impl Forecaster {
                     continue;
                 }
                 let x = p.x.map(f64::from);
-                hz.rls.learn(
+                self.reset |= hz.rls.learn(
                     &x,
                     ((y - p.base) / f64::from(p.scale)).clamp(-LEARN_CAP, LEARN_CAP),
                     cfg.forgetting,
@@ -558,4 +593,28 @@ fn normal_cdf(x: f64) -> f64 {
             * t
             * (-(x * x) / 2.0).exp();
     0.5 * (1.0 + if x >= 0.0 { y } else { -y })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_regression_that_breaks_down_is_reset_and_its_next_forecasts_say_so() {
+        let cfg = ForecastConfig::default();
+        let mut f = Forecaster::new(&cfg);
+        for i in 0..60 {
+            f.update(i * 60_000, 100.0 + (i % 5) as f64, &cfg);
+        }
+        assert_eq!(f.status(), "ok");
+        // State gone bad however it happened (a bit flip, a bug): the next update that
+        // learns must not carry it on.
+        f.horizons[0].rls.w[0] = f64::NAN;
+        let out = f.update(60 * 60_000, 101.0, &cfg);
+        assert!(out.iter().all(|p| p.value.is_finite()), "{out:?}");
+        assert_eq!(f.status(), "model_reset");
+        assert!(f.horizons[0].rls.w.iter().all(|w| *w == 0.0));
+        f.update(61 * 60_000, 102.0, &cfg);
+        assert_eq!(f.status(), "ok", "said once");
+    }
 }

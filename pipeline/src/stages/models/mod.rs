@@ -11,4 +11,6 @@ pub mod table;
 mod tests;
 
 pub use config::ModelsConfig;
-pub use process::{ModelTables, ModelsCounts, ModelsStage, ANOMALIES, FORECASTS, REASONS, STATE};
+pub use process::{
+    ModelTables, ModelsCounts, ModelsStage, ANOMALIES, EVENTS, FORECASTS, REASONS, STATE,
+};

@@ -29,6 +29,14 @@ pub const ANOMALIES: &str = "anomalies";
 pub const FORECASTS: &str = "forecasts";
 /// Output name of model-state snapshots (a compacted topic keyed by service).
 pub const STATE: &str = "state";
+/// Event noted (and counted in `ebb_stage_events_total`) when a forecaster's regression broke
+/// down numerically and started over.
+pub const EVENT_MODEL_RESET: &str = "forecast_model_reset";
+/// Event noted when a load signal stopped arriving while its service's windows still do.
+pub const EVENT_INPUT_MISSING: &str = "load_signal_missing";
+/// Every event the models stage notes.
+pub const EVENTS: &[&str] = &[EVENT_MODEL_RESET, EVENT_INPUT_MISSING];
+
 /// Version of the snapshot layout; a snapshot of another layout is not restored.
 pub const SNAPSHOT_LAYOUT: u32 = 1;
 
@@ -53,6 +61,10 @@ pub struct ModelsCounts {
     pub unused: u64,
     /// Services restored from a snapshot.
     pub restored: u64,
+    /// Forecasts published as `model_reset`: a regression broke down and started over.
+    pub model_resets: u64,
+    /// Load signals that went missing from a service's windows (`no_input` published).
+    pub inputs_stale: u64,
 }
 
 /// An anomaly event: one per (service, window) the ensemble calls anomalous.
@@ -111,10 +123,13 @@ pub struct ForecastEvent {
     pub signal: String,
     /// When it was made: the window's end.
     pub made_at: String,
-    /// The signal's mean over the forecast step that ended there.
+    /// The signal's mean over the forecast step that ended there (with `no_input`, the last
+    /// value seen).
     pub current: f64,
-    /// `ok`, or `warming_up` while the forecaster has scored fewer than its first
-    /// forecasts (downstream should use its reactive rule then).
+    /// `ok`; `warming_up` while the forecaster has scored fewer than its first forecasts;
+    /// `model_reset` when a regression broke down numerically and started over; `no_input`
+    /// (no horizons) once when a step passes without the signal. Anything but `ok`:
+    /// downstream uses its reactive rule.
     pub status: String,
     /// One per configured horizon.
     pub horizons: Vec<Prediction>,
@@ -332,6 +347,7 @@ impl ModelsStage {
         let mut outputs = Vec::new();
         let mut anomaly_rows = Vec::new();
         let mut forecast_rows = Vec::new();
+        let mut events = Vec::new();
         if verdict.anomalous {
             let severity = if verdict.score >= 0.85 {
                 "high"
@@ -410,18 +426,27 @@ impl ModelsStage {
                 continue;
             }
             let (sum, n) = std::mem::take(acc);
-            if n == 0 {
-                continue;
-            }
-            let current = sum / f64::from(n);
-            let horizons = forecaster.update(open.end, current, &cfg.forecast);
-            if horizons.is_empty() {
-                continue;
-            }
-            let status = if forecaster.warming_up() {
-                "warming_up"
+            let (current, horizons, status) = if n == 0 {
+                // The service reports, but not this signal: said once, with no forecast, so
+                // whoever reads forecasts sees why they stopped rather than guessing.
+                let Some(last) = forecaster.missed_step() else {
+                    continue;
+                };
+                self.counts.inputs_stale += 1;
+                events.push(EVENT_INPUT_MISSING);
+                (last, Vec::new(), "no_input")
             } else {
-                "ok"
+                let current = sum / f64::from(n);
+                let horizons = forecaster.update(open.end, current, &cfg.forecast);
+                if horizons.is_empty() {
+                    continue;
+                }
+                let status = forecaster.status();
+                if status == "model_reset" {
+                    self.counts.model_resets += 1;
+                    events.push(EVENT_MODEL_RESET);
+                }
+                (current, horizons, status)
             };
             let event = ForecastEvent {
                 forecast_id: format!("{service}/{}/{}", self.names[signal], open.end),
@@ -480,6 +505,9 @@ impl ModelsStage {
         if emit {
             for o in outputs {
                 out.emit(o);
+            }
+            for e in events {
+                out.note(e);
             }
             if let Some(t) = &self.tables {
                 store_rows(&t.anomalies, &anomaly_rows, super::table::anomalies_batch);

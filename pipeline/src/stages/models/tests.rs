@@ -301,21 +301,27 @@ fn run_stage_in(
 ) -> Vec<crate::stage::Output> {
     let codec = crate::codec::avro::test_codec();
     let mut stage = super::ModelsStage::new(super::ModelsConfig::default(), codec.clone());
-    drive(&mut stage, windows, fault, format, &codec)
+    drive(&mut stage, windows, fault, 0..0, format, &codec).0
 }
 
-/// Feeds `stage` the windows of [`run_stage_in`]; everything it emitted.
+/// Feeds `stage` the windows of [`run_stage_in`], without the request rate in the windows
+/// of `no_requests`; everything it emitted, and the events it noted.
 fn drive(
     stage: &mut super::ModelsStage,
     windows: usize,
     fault: usize,
+    no_requests: std::ops::Range<usize>,
     format: crate::codec::Format,
     codec: &crate::codec::AvroCodec,
-) -> Vec<crate::stage::Output> {
+) -> (
+    Vec<crate::stage::Output>,
+    std::collections::BTreeMap<&'static str, u64>,
+) {
     use crate::stage::{Emitter, Input, Source, Stage};
     use crate::stages::window::WindowAggregate;
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let mut outputs = Vec::new();
+    let mut events = std::collections::BTreeMap::new();
     let mut offset = 0;
     for w in 0..windows {
         let mut v = healthy(w, &mut rng);
@@ -324,6 +330,9 @@ fn drive(
         }
         let start = 1_700_000_000_000 + w as i64 * STEP_MS;
         for (metric, value) in NAMES.iter().zip(v) {
+            if *metric == NAMES[0] && no_requests.contains(&w) {
+                continue;
+            }
             let a = WindowAggregate {
                 window_id: format!("api/{metric}/{STEP_MS}/{start}"),
                 service: "api".into(),
@@ -368,9 +377,12 @@ fn drive(
             let (out, dead) = emitter.drain();
             assert!(dead.is_empty(), "{dead:?}");
             outputs.extend(out);
+            for (e, n) in emitter.take_events() {
+                *events.entry(e).or_default() += n;
+            }
         }
     }
-    outputs
+    (outputs, events)
 }
 
 #[test]
@@ -411,6 +423,56 @@ fn the_stage_flags_a_fault_and_every_output_fits_its_schema(
     assert!(
         flagged.len() <= 3,
         "steady windows flagged too: {flagged:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_load_signal_that_stops_arriving_is_reported_once_then_forecasts_resume(
+) -> Result<(), Box<dyn std::error::Error>> {
+    use super::process::ForecastEvent;
+    let codec = crate::codec::avro::test_codec();
+    let mut stage = super::ModelsStage::new(super::ModelsConfig::default(), codec.clone());
+    // The service keeps reporting CPU, latency and errors, but not its request rate, for
+    // five minutes (30 windows) from window 600.
+    let (outputs, events) = drive(
+        &mut stage,
+        900,
+        usize::MAX,
+        600..630,
+        crate::codec::Format::Json,
+        &codec,
+    );
+    let forecasts =
+        apache_avro::Schema::parse_str(include_str!("../../../../schemas/forecasts.avsc"))?;
+    let mut requests = Vec::new();
+    for o in outputs.iter().filter(|o| o.output == super::FORECASTS) {
+        let e: ForecastEvent = serde_json::from_slice(&o.payload)?;
+        apache_avro::to_value(&e)?.resolve(&forecasts)?;
+        if e.signal == NAMES[0] {
+            requests.push(e);
+        }
+    }
+    let stale: Vec<&ForecastEvent> = requests.iter().filter(|e| e.status == "no_input").collect();
+    assert_eq!(stale.len(), 1, "said once, not once per step");
+    assert!(stale[0].horizons.is_empty());
+    assert!(stale[0].current.is_finite() && stale[0].current > 0.0);
+    let gap_end =
+        crate::stages::window::aggregate::ms_to_rfc3339(1_700_000_000_000 + 630 * STEP_MS);
+    assert!(stale[0].made_at.as_str() <= gap_end.as_str());
+    let resumed = requests
+        .iter()
+        .filter(|e| e.made_at > gap_end && e.status != "no_input")
+        .count();
+    assert_eq!(
+        resumed,
+        (900 - 630) / 6,
+        "forecasts resume once the signal is back"
+    );
+    assert_eq!(stage.counts().inputs_stale, 1);
+    assert_eq!(
+        events,
+        std::collections::BTreeMap::from([(super::process::EVENT_INPUT_MISSING, 1)])
     );
     Ok(())
 }
@@ -543,7 +605,15 @@ async fn anomalies_and_forecasts_are_queryable_in_sql_once_each() {
     let codec = crate::codec::avro::test_codec();
     let mut stage = super::ModelsStage::new(super::ModelsConfig::default(), codec.clone())
         .with_tables(tables.clone());
-    let outputs = drive(&mut stage, 3000, 2900, crate::codec::Format::Json, &codec);
+    let outputs = drive(
+        &mut stage,
+        3000,
+        2900,
+        0..0,
+        crate::codec::Format::Json,
+        &codec,
+    )
+    .0;
     let sent = |output: &str| outputs.iter().filter(|o| o.output == output).count();
     let (anomalies, forecasts) = (sent(super::ANOMALIES), sent(super::FORECASTS));
     assert!(anomalies > 0);
