@@ -1041,11 +1041,14 @@ async fn actuate(config: Config, driver: DriverName, dry_run: bool) -> Result<()
                         .map(|k| k.expose().to_vec())
                 })
                 .flatten();
-            Box::new(kubernetes::KubernetesDriver::new(
-                &config.actuate.kubernetes,
-                key.as_deref(),
-                handle.clone(),
-            )?)
+            Box::new(
+                kubernetes::KubernetesDriver::new(
+                    &config.actuate.kubernetes,
+                    key.as_deref(),
+                    handle.clone(),
+                )
+                .await?,
+            )
         }
     };
     let metrics = Arc::new(Metrics::new());

@@ -71,6 +71,32 @@ fn bad_config_fails_at_startup_naming_the_key() {
 }
 
 #[test]
+fn kubernetes_actuator_without_a_cluster_fails_at_startup_with_a_clear_error() {
+    // No kubeconfig, not in a cluster, no api_server: a clear error and a non-zero exit,
+    // before any broker is touched (the port is closed).
+    let home = std::env::temp_dir().join(format!("ebb-home-{}", rand::random::<u32>()));
+    std::fs::create_dir_all(&home).unwrap();
+    let out = ebb()
+        .args([
+            "actuate",
+            "--driver",
+            "kubernetes",
+            "--brokers",
+            "127.0.0.1:1",
+        ])
+        .env("HOME", &home)
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("no Kubernetes API server"), "{stderr}");
+}
+
+#[test]
 fn topics_apply_is_idempotent_and_run_filter_exits_zero_on_sigterm() {
     let Some(target) = Target::real() else { return };
     let brokers = target.brokers();

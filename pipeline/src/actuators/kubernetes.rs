@@ -11,7 +11,7 @@
 //!
 //! The calls go through `kube`'s client, which finds the cluster as `kubectl` does (the
 //! kubeconfig's current context, then the pod's service account) unless
-//! `[actuate.kubernetes] api_server` names one.
+//! `[actuate.kubernetes]` names a kubeconfig and context, or an `api_server`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -43,6 +43,11 @@ pub struct KubernetesConfig {
     /// API server URL. Default: the kubeconfig's current context (`KUBECONFIG` or
     /// `~/.kube/config`), else in-cluster (the pod's service account).
     pub api_server: Option<String>,
+    /// A kubeconfig file to use instead of `KUBECONFIG` or `~/.kube/config` (as
+    /// `kubectl --kubeconfig`).
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use instead of its current one (as `kubectl --context`).
+    pub context: Option<String>,
     /// With `api_server`: a bearer token file, re-read as it rotates.
     pub token_file: Option<PathBuf>,
     /// CA bundle (PEM) the API server's certificate is checked against. Default: the
@@ -65,6 +70,8 @@ impl Default for KubernetesConfig {
     fn default() -> Self {
         Self {
             api_server: None,
+            kubeconfig: None,
+            context: None,
             token_file: None,
             ca_file: None,
             namespace: "default".into(),
@@ -89,6 +96,18 @@ impl KubernetesConfig {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return bad("api_server", "must start with http:// or https://");
             }
+            if self.kubeconfig.is_some() || self.context.is_some() {
+                return bad(
+                    "api_server",
+                    "names the cluster directly; leave kubeconfig and context unset with it",
+                );
+            }
+        }
+        if self.token_file.is_some() && self.api_server.is_none() {
+            return bad(
+                "token_file",
+                "goes with api_server (a kubeconfig names its own credentials)",
+            );
         }
         if self.namespace.is_empty()
             || !self
@@ -116,6 +135,9 @@ pub struct KubernetesDriver {
 /// Why the driver could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum KubernetesSetupError {
+    /// The kubeconfig (or context) named in config could not be used.
+    #[error("actuate.kubernetes.kubeconfig {0}: {1}")]
+    Kubeconfig(String, String),
     /// No API server configured, no kubeconfig, and not running in a cluster.
     #[error(
         "no Kubernetes API server: set actuate.kubernetes.api_server, provide a kubeconfig \
@@ -187,7 +209,7 @@ impl KubernetesDriver {
     /// With `api_server` set, that server with `token_file` and `ca_file`; otherwise what
     /// `kubectl` would use: the kubeconfig (`KUBECONFIG` or `~/.kube/config`, its current
     /// context, exec plugins and client certificates included), else the pod's service account.
-    pub fn new(
+    pub async fn new(
         cfg: &KubernetesConfig,
         anon_key: Option<&[u8]>,
         handle: tokio::runtime::Handle,
@@ -203,8 +225,27 @@ impl KubernetesDriver {
                 }
                 config
             }
-            None => handle
-                .block_on(kube::Config::infer())
+            None if cfg.kubeconfig.is_some() || cfg.context.is_some() => {
+                let named = cfg.kubeconfig.as_ref().map_or_else(
+                    || "(KUBECONFIG or ~/.kube/config)".to_string(),
+                    |p| p.display().to_string(),
+                );
+                let bad = |e: String| KubernetesSetupError::Kubeconfig(named.clone(), e);
+                let kubeconfig = match &cfg.kubeconfig {
+                    Some(path) => kube::config::Kubeconfig::read_from(path),
+                    None => kube::config::Kubeconfig::read(),
+                }
+                .map_err(|e| bad(e.to_string()))?;
+                let options = kube::config::KubeConfigOptions {
+                    context: cfg.context.clone(),
+                    ..Default::default()
+                };
+                kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+                    .await
+                    .map_err(|e| bad(e.to_string()))?
+            }
+            None => kube::Config::infer()
+                .await
                 .map_err(|e| KubernetesSetupError::NoApiServer(e.to_string()))?,
         };
         if let Some(ca) = &cfg.ca_file {

@@ -326,7 +326,7 @@ fn k8s_with(
         names: [("checkout".to_string(), "checkout-web".to_string())].into(),
         ..KubernetesConfig::default()
     };
-    Ok(KubernetesDriver::new(&cfg, key, handle)?)
+    Ok(handle.block_on(KubernetesDriver::new(&cfg, key, handle.clone()))?)
 }
 
 /// A driver whose token file was written by `echo`: trailing newline and all.
@@ -339,6 +339,89 @@ fn k8s(
 }
 
 #[test]
+fn kubernetes_uses_the_named_kubeconfig_context_and_its_credentials() -> Result<(), Err> {
+    let s = server(vec![(200, Duration::ZERO, "{}")])?;
+    // The current context points nowhere; the named one is the test server.
+    let kubeconfig = format!(
+        "apiVersion: v1
+kind: Config
+current-context: elsewhere
+contexts:
+- name: elsewhere
+  context: {{cluster: nowhere, user: nobody}}
+- name: shop-admin
+  context: {{cluster: local, user: ebb}}
+clusters:
+- name: nowhere
+  cluster: {{server: \"http://127.0.0.1:1\"}}
+- name: local
+  cluster: {{server: \"{}\"}}
+users:
+- name: nobody
+  user: {{token: wrong}}
+- name: ebb
+  user: {{token: tok-kc}}
+",
+        s.url
+    );
+    let dir = std::env::temp_dir().join(format!("ebb-kubeconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("config");
+    std::fs::write(&path, kubeconfig)?;
+    let cfg = KubernetesConfig {
+        kubeconfig: Some(path.clone()),
+        context: Some("shop-admin".into()),
+        namespace: "shop".into(),
+        ..KubernetesConfig::default()
+    };
+    cfg.validate()?;
+    // Built inside the runtime, as `ebb actuate` builds it.
+    let handle = s.runtime.handle().clone();
+    let mut d = s
+        .runtime
+        .block_on(KubernetesDriver::new(&cfg, None, handle))?;
+    d.apply(&command("c", "scale", false))?;
+    let seen = s.seen();
+    assert_eq!(
+        seen[0]
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer tok-kc")
+    );
+    assert_eq!(
+        split(&seen[0].uri).0,
+        "/apis/apps/v1/namespaces/shop/deployments/checkout/scale"
+    );
+    // A context that is not there fails at start-up, naming the key and the file.
+    let missing = KubernetesConfig {
+        context: Some("prod".into()),
+        ..cfg.clone()
+    };
+    let handle = s.runtime.handle().clone();
+    let err = s
+        .runtime
+        .block_on(KubernetesDriver::new(&missing, None, handle))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.starts_with("actuate.kubernetes.kubeconfig "), "{err}");
+    assert!(err.contains("prod"), "{err}");
+    // Naming the server directly and a kubeconfig too is ambiguous.
+    let both = KubernetesConfig {
+        api_server: Some(s.url.clone()),
+        ..cfg
+    };
+    let err = both
+        .validate()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("actuate.kubernetes.api_server"), "{err}");
+    Ok(())
+}
+
+#[test]
 fn a_missing_or_empty_token_file_fails_at_start_up_naming_the_key() -> Result<(), Err> {
     let s = server(Vec::new())?;
     let cfg = KubernetesConfig {
@@ -346,7 +429,10 @@ fn a_missing_or_empty_token_file_fails_at_start_up_naming_the_key() -> Result<()
         token_file: Some("/nonexistent/ebb/token".into()),
         ..KubernetesConfig::default()
     };
-    let err = KubernetesDriver::new(&cfg, None, s.runtime.handle().clone())
+    let handle = s.runtime.handle().clone();
+    let err = s
+        .runtime
+        .block_on(KubernetesDriver::new(&cfg, None, handle))
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
