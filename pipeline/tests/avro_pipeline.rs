@@ -34,29 +34,12 @@ fn aggregates(s: usize, w: i64) -> Vec<WindowAggregate> {
     } else {
         300.0
     };
-    let instances = 4;
-    let per_instance = load / f64::from(instances);
+    // Four instances, as common::minute_aggregate has them.
+    let per_instance = load / 4.0;
     let start = T0 + w * MINUTE;
     let service = format!("svc-{s}");
-    let agg = |metric: &str, mean: f64| WindowAggregate {
-        window_id: format!("{service}/{metric}/{MINUTE}/{start}"),
-        service: service.clone(),
-        metric: metric.into(),
-        unit: None,
-        window_start: start,
-        window_end: start + MINUTE,
-        count: 24,
-        sum: mean * 24.0,
-        mean,
-        min: mean,
-        max: mean * 1.05,
-        stddev: None,
-        p50: mean,
-        p95: mean * 1.05,
-        p99: mean * 1.05,
-        rate: 0.4,
-        instances: i64::from(instances),
-        top_instance: Some("i-0".into()),
+    let agg = |metric: &str, mean: f64| {
+        common::minute_aggregate(&service, metric, start, mean, mean * 1.05, "i-0")
     };
     vec![
         agg("requests_per_s", per_instance),

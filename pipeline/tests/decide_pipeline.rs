@@ -47,30 +47,14 @@ fn aggregates(s: usize, w: i64) -> Vec<WindowAggregate> {
         }
         _ => 280.0,
     };
-    let instances = 4;
     let sick = s == 2 && w >= 30;
-    let per_instance = load / f64::from(instances);
+    // Four instances, as common::minute_aggregate has them.
+    let per_instance = load / 4.0;
     let errors = per_instance * 0.01;
     let start = T0 + w * MINUTE;
-    let agg = |metric: &str, mean: f64, max: f64, top: &str| WindowAggregate {
-        window_id: format!("{}/{metric}/{MINUTE}/{start}", service(s)),
-        service: service(s),
-        metric: metric.into(),
-        unit: None,
-        window_start: start,
-        window_end: start + MINUTE,
-        count: 24,
-        sum: mean * 24.0,
-        mean,
-        min: mean,
-        max,
-        stddev: None,
-        p50: mean,
-        p95: max,
-        p99: max,
-        rate: 0.4,
-        instances: i64::from(instances),
-        top_instance: Some(top.into()),
+    let name = service(s);
+    let agg = |metric: &str, mean: f64, max: f64, top: &str| {
+        common::minute_aggregate(&name, metric, start, mean, max, top)
     };
     vec![
         agg("requests_per_s", per_instance, per_instance, "i-0"),

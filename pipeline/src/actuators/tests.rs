@@ -65,13 +65,13 @@ impl Driver for Counting {
     }
 }
 
-fn actuate(a: &mut Actuator, c: &Command) -> Option<Actuation> {
-    let payload = serde_json::to_vec(c).unwrap_or_default();
+/// Runs `payload` through `a`; its outputs and dead-letter reasons.
+fn run_payload(a: &mut Actuator, payload: &[u8]) -> (Vec<crate::stage::Output>, Vec<String>) {
     let mut emitter = Emitter::new();
     a.process(
         &Input {
             key: Some(b"checkout"),
-            payload: Some(&payload),
+            payload: Some(payload),
             headers: Vec::new(),
             source: Source {
                 topic: "commands".into(),
@@ -82,6 +82,15 @@ fn actuate(a: &mut Actuator, c: &Command) -> Option<Actuation> {
         &mut emitter,
     );
     let (outputs, dead) = emitter.drain();
+    (
+        outputs,
+        dead.into_iter().map(|d| d.reason.to_string()).collect(),
+    )
+}
+
+fn actuate(a: &mut Actuator, c: &Command) -> Option<Actuation> {
+    let payload = serde_json::to_vec(c).unwrap_or_default();
+    let (outputs, dead) = run_payload(a, &payload);
     assert!(dead.is_empty());
     outputs
         .into_iter()
@@ -557,29 +566,6 @@ fn kubernetes_finds_the_pod_behind_a_pseudonym() -> Result<(), Err> {
     assert!(matches!(d.apply(&c), Err(ActuateError::Unsupported(_))));
     assert_eq!(s.seen().len(), 1, "nothing deleted");
     Ok(())
-}
-
-/// Runs `payload` through `a`; its outputs and dead-letter reasons.
-fn run_payload(a: &mut Actuator, payload: &[u8]) -> (Vec<crate::stage::Output>, Vec<String>) {
-    let mut emitter = Emitter::new();
-    a.process(
-        &Input {
-            key: Some(b"checkout"),
-            payload: Some(payload),
-            headers: Vec::new(),
-            source: Source {
-                topic: "commands".into(),
-                partition: 0,
-                offset: 0,
-            },
-        },
-        &mut emitter,
-    );
-    let (outputs, dead) = emitter.drain();
-    (
-        outputs,
-        dead.into_iter().map(|d| d.reason.to_string()).collect(),
-    )
 }
 
 #[test]

@@ -428,3 +428,36 @@ pub fn ebb() -> std::process::Command {
         .env("RUST_LOG", "warn");
     c
 }
+
+/// One minute's aggregate of `metric` for `service`, as the window stage writes it: 24
+/// samples from 4 instances around `mean`, peaking at `max` on instance `top`.
+pub fn minute_aggregate(
+    service: &str,
+    metric: &str,
+    start: i64,
+    mean: f64,
+    max: f64,
+    top: &str,
+) -> ebb::stages::window::WindowAggregate {
+    const MINUTE: i64 = 60_000;
+    ebb::stages::window::WindowAggregate {
+        window_id: format!("{service}/{metric}/{MINUTE}/{start}"),
+        service: service.into(),
+        metric: metric.into(),
+        unit: None,
+        window_start: start,
+        window_end: start + MINUTE,
+        count: 24,
+        sum: mean * 24.0,
+        mean,
+        min: mean,
+        max,
+        stddev: None,
+        p50: mean,
+        p95: max,
+        p99: max,
+        rate: 0.4,
+        instances: 4,
+        top_instance: Some(top.into()),
+    }
+}

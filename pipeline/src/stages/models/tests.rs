@@ -304,6 +304,27 @@ fn run_stage_in(
     drive(&mut stage, windows, fault, 0..0, format, &codec).0
 }
 
+/// Runs one aggregate `payload` (key `api`, partition 0, at `offset`) through `stage`; what
+/// it emitted.
+fn feed(stage: &mut super::ModelsStage, payload: &[u8], offset: i64) -> crate::stage::Emitter {
+    use crate::stage::{Emitter, Input, Source, Stage};
+    let mut emitter = Emitter::new();
+    stage.process(
+        &Input {
+            key: Some(b"api"),
+            payload: Some(payload),
+            headers: Vec::new(),
+            source: Source {
+                topic: "aggregates".into(),
+                partition: 0,
+                offset,
+            },
+        },
+        &mut emitter,
+    );
+    emitter
+}
+
 /// Feeds `stage` the windows of [`run_stage_in`], without the request rate in the windows
 /// of `no_requests`; everything it emitted, and the events it noted.
 fn drive(
@@ -317,7 +338,6 @@ fn drive(
     Vec<crate::stage::Output>,
     std::collections::BTreeMap<&'static str, u64>,
 ) {
-    use crate::stage::{Emitter, Input, Source, Stage};
     use crate::stages::window::WindowAggregate;
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let mut outputs = Vec::new();
@@ -359,20 +379,7 @@ fn drive(
                     codec.encode_aggregate(&a).unwrap_or_else(|e| panic!("{e}"))
                 }
             };
-            let mut emitter = Emitter::new();
-            stage.process(
-                &Input {
-                    key: Some(b"api"),
-                    payload: Some(&payload),
-                    headers: Vec::new(),
-                    source: Source {
-                        topic: "aggregates".into(),
-                        partition: 0,
-                        offset,
-                    },
-                },
-                &mut emitter,
-            );
+            let mut emitter = feed(stage, &payload, offset);
             offset += 1;
             let (out, dead) = emitter.drain();
             assert!(dead.is_empty(), "{dead:?}");
@@ -525,7 +532,6 @@ fn avro_aggregates_give_the_same_events_in_avro_under_the_registered_schemas(
 
 #[test]
 fn avro_outputs_fall_back_to_json_while_their_schema_has_no_id() {
-    use crate::stage::{Emitter, Input, Source, Stage};
     let codec = crate::codec::avro::test_codec();
     // A cache that can read Avro aggregates but has registered no output schema yet.
     let reader = crate::codec::AvroCodec::default();
@@ -562,20 +568,7 @@ fn avro_outputs_fall_back_to_json_while_their_schema_has_no_id() {
                 top_instance: None,
             };
             let payload = codec.encode_aggregate(&a).unwrap_or_else(|e| panic!("{e}"));
-            let mut out = Emitter::new();
-            stage.process(
-                &Input {
-                    key: Some(b"api"),
-                    payload: Some(&payload),
-                    headers: Vec::new(),
-                    source: Source {
-                        topic: "aggregates".into(),
-                        partition: 0,
-                        offset,
-                    },
-                },
-                &mut out,
-            );
+            let mut out = feed(&mut stage, &payload, offset);
             offset += 1;
             let (outputs, dead) = out.drain();
             assert!(dead.is_empty(), "{dead:?}");
