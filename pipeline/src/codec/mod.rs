@@ -264,18 +264,27 @@ impl AggregateWire {
 }
 
 fn epoch_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-    #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum Time {
-        Ms(i64),
-        Text(String),
+    // A visitor, not an untagged enum: serde buffers an untagged value before trying each
+    // variant, which was a third of decoding an aggregate.
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = i64;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("epoch milliseconds or an RFC 3339 time")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i64, E> {
+            i64::try_from(v).map_err(|_| E::custom(format!("time {v} ms is out of range")))
+        }
+        fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<i64, E> {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map(|t| t.timestamp_millis())
+                .map_err(|e| E::custom(format!("time {t:?}: {e}")))
+        }
     }
-    match <Time as serde::Deserialize>::deserialize(d)? {
-        Time::Ms(ms) => Ok(ms),
-        Time::Text(t) => chrono::DateTime::parse_from_rfc3339(&t)
-            .map(|t| t.timestamp_millis())
-            .map_err(|e| serde::de::Error::custom(format!("time {t:?}: {e}"))),
-    }
+    d.deserialize_any(V)
 }
 
 #[cfg(test)]

@@ -320,7 +320,9 @@ impl DecideStage {
         self.dirty.insert(service);
     }
 
-    fn on_aggregate(
+    /// Decides on one decoded aggregate: the stage's step once the bytes are decoded, also
+    /// called directly by an in-process chain (replay).
+    pub fn on_aggregate(
         &mut self,
         a: WindowAggregate,
         format: Format,

@@ -218,7 +218,8 @@ impl FilterStage {
         Ok(ts)
     }
 
-    fn clean(&mut self, input: &Input<'_>) -> Result<Output, Reject> {
+    /// Decides one raw record: the clean sample and the format it came in, or why not.
+    fn clean_sample(&mut self, input: &Input<'_>) -> Result<(codec::Format, CleanSample), Reject> {
         let payload = match input.payload {
             None | Some([]) => {
                 return Err(reject(
@@ -308,18 +309,43 @@ impl FilterStage {
             ts,
             labels,
         };
+        Ok((format, clean))
+    }
+
+    fn clean(&mut self, input: &Input<'_>) -> Result<(codec::Format, CleanSample, Output), Reject> {
+        let (format, clean) = self.clean_sample(input)?;
         let payload = codec::encode_clean(&clean, format, &self.avro)
             .map_err(|e| reject("encode_failed", e.to_string()))?;
-        Ok(Output {
+        let output = Output {
             output: CLEAN,
-            key: clean.service.into_bytes(),
+            key: clean.service.as_bytes().to_vec(),
             payload,
             headers: input
                 .headers
                 .iter()
                 .map(|(k, v)| ((*k).to_string(), v.to_vec()))
                 .collect(),
-        })
+        };
+        Ok((format, clean, output))
+    }
+
+    /// [`Stage::process`], also handing back the clean sample it emitted, so an in-process
+    /// chain (replay) can give the window stage the sample instead of decoding it again.
+    pub fn process_sample(
+        &mut self,
+        input: &Input<'_>,
+        out: &mut Emitter,
+    ) -> Option<(codec::Format, CleanSample)> {
+        match self.clean(input) {
+            Ok((format, sample, output)) => {
+                out.emit(output);
+                Some((format, sample))
+            }
+            Err(Reject { reason, detail }) => {
+                out.dead_letter(input, reason, detail);
+                None
+            }
+        }
     }
 }
 
@@ -333,10 +359,7 @@ impl Stage for FilterStage {
     }
 
     fn process(&mut self, input: &Input<'_>, out: &mut Emitter) {
-        match self.clean(input) {
-            Ok(output) => out.emit(output),
-            Err(Reject { reason, detail }) => out.dead_letter(input, reason, detail),
-        }
+        self.process_sample(input, out);
     }
 
     fn on_time(&mut self, now: DateTime<Utc>, _out: &mut Emitter) {

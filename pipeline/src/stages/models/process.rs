@@ -537,31 +537,19 @@ fn store_rows<T>(
     }
 }
 
-impl Stage for ModelsStage {
-    fn name(&self) -> &'static str {
-        "models"
-    }
-
-    fn process(&mut self, input: &Input<'_>, out: &mut Emitter) {
-        let partition = input.source.partition;
-        let offset = input.source.offset;
+impl ModelsStage {
+    /// Models one decoded aggregate (read at `offset` of `partition`): the stage's step once
+    /// the bytes are decoded, also called directly by an in-process chain (replay).
+    pub fn on_aggregate(
+        &mut self,
+        aggregate: &WindowAggregate,
+        format: Format,
+        partition: i32,
+        offset: i64,
+        out: &mut Emitter,
+    ) {
         let emit = !self.replaying(partition, offset);
-        let Some(payload) = input.payload.filter(|p| !p.is_empty()) else {
-            if emit {
-                out.dead_letter(input, "empty_payload", "no value");
-            }
-            return;
-        };
-        let (format, aggregate) = match codec::decode_aggregate(payload, &self.avro) {
-            Ok(decoded) => decoded,
-            Err(e) => {
-                if emit {
-                    out.dead_letter(input, e.reason(), e.to_string());
-                }
-                return;
-            }
-        };
-        let Some((signal, value)) = self.signal_of(&aggregate) else {
+        let Some((signal, value)) = self.signal_of(aggregate) else {
             self.counts.unused += 1;
             return;
         };
@@ -590,6 +578,34 @@ impl Stage for ModelsStage {
         open.values[signal] = value.is_finite().then_some(value);
         if open.values.iter().all(Option::is_some) {
             self.close(&service, emit, out);
+        }
+    }
+}
+
+impl Stage for ModelsStage {
+    fn name(&self) -> &'static str {
+        "models"
+    }
+
+    fn process(&mut self, input: &Input<'_>, out: &mut Emitter) {
+        let partition = input.source.partition;
+        let offset = input.source.offset;
+        let emit = !self.replaying(partition, offset);
+        let Some(payload) = input.payload.filter(|p| !p.is_empty()) else {
+            if emit {
+                out.dead_letter(input, "empty_payload", "no value");
+            }
+            return;
+        };
+        match codec::decode_aggregate(payload, &self.avro) {
+            Ok((format, aggregate)) => {
+                self.on_aggregate(&aggregate, format, partition, offset, out)
+            }
+            Err(e) => {
+                if emit {
+                    out.dead_letter(input, e.reason(), e.to_string());
+                }
+            }
         }
     }
 
