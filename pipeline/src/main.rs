@@ -546,6 +546,13 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 started.elapsed().as_secs_f64(),
                 job.report.display()
             )?;
+            if let Some(line) = report.input.first_missing_line {
+                writeln!(
+                    stdout,
+                    "{} rows held no value (the first on line {line}): skipped as gaps",
+                    report.input.missing_values
+                )?;
+            }
             report.summary(&mut stdout)?;
             if json {
                 writeln!(stdout, "{}", serde_json::to_string(&report)?)?;
@@ -711,7 +718,12 @@ async fn dispatch(cli: Cli) -> Result<()> {
         } => {
             let forecast = config.models.forecast.clone();
             let (score, name) = tokio::task::spawn_blocking(move || {
-                let series = ebb::eval::series::read_series(&file, &time_column, &value_column)?;
+                let series = ebb::eval::series::read_series(
+                    &file,
+                    &time_column,
+                    &value_column,
+                    ebb::eval::series::ReadMode::Gaps,
+                )?;
                 let score = ebb::eval::forecast::evaluate(&series, &forecast);
                 Ok::<_, ebb::eval::EvalError>((score, file.display().to_string()))
             })

@@ -22,7 +22,7 @@ use ebb_replay::{plot, Cluster, ClusterModel, Report};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ConfigError};
-use crate::eval::series::{read_series, Series, SeriesError};
+use crate::eval::series::{read_series, ReadMode, Series, SeriesError};
 use crate::stages::decide::config::{ScaleConfig, ServiceLimits};
 use crate::stages::decide::policy::{self, Observation, ScaleState, StoredForecast};
 use crate::stages::models::forecast::{ForecastConfig, Forecaster};
@@ -455,7 +455,12 @@ pub fn replay_file(
     config_toml: &str,
     job: &FileJob,
 ) -> Result<Report, ReplayError> {
-    let series = read_series(&job.file, &job.time_column, &job.value_column)?;
+    let series = read_series(
+        &job.file,
+        &job.time_column,
+        &job.value_column,
+        ReadMode::Gaps,
+    )?;
     std::fs::create_dir_all(&job.report).map_err(|e| ReplayError::Dir(job.report.clone(), e))?;
     let config_path = job.report.join("ebb.toml");
     std::fs::write(&config_path, config_toml)
@@ -466,6 +471,8 @@ pub fn replay_file(
         time_column: job.time_column.clone(),
         value_column: job.value_column.clone(),
         rows: series.len(),
+        missing_values: series.missing,
+        first_missing_line: series.first_missing,
         step_seconds: step_ms as f64 / 1000.0,
         from: series
             .times
@@ -529,6 +536,7 @@ mod tests {
             from: String::new(),
             until: String::new(),
             minutes: 0.0,
+            ..InputInfo::default()
         };
         replay_series(&Config::default(), &series, input, "ebb.toml", &[]).report
     }

@@ -315,7 +315,7 @@ fn sql_and_psql_query_a_running_demo_and_writes_are_refused() {
 }
 
 #[test]
-fn replay_of_any_csv_writes_the_policy_table_and_two_runs_are_byte_identical() {
+fn replay_of_any_csv_with_gaps_writes_the_policy_table_and_two_runs_are_byte_identical() {
     let dir = std::env::temp_dir().join(format!("ebb-replay-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // Two days of a per-minute request rate with a daily peak, under custom column names.
@@ -325,10 +325,13 @@ fn replay_of_any_csv_writes_the_policy_table_and_two_runs_are_byte_identical() {
         let hour = (m % 1440) as f64 / 60.0;
         let rps = 100.0 + 80.0 * (std::f64::consts::PI * (hour - 6.0) / 12.0).sin().max(0.0);
         let at = t0 + chrono::Duration::minutes(m);
-        csv.push_str(&format!(
-            "{},web,{rps:.2}\n",
-            at.format("%Y-%m-%d %H:%M:%S")
-        ));
+        // Exports have gaps: an empty cell and a NaN, each skipped and counted.
+        let cell = match m {
+            700 => String::new(),
+            1900 => "NaN".to_string(),
+            _ => format!("{rps:.2}"),
+        };
+        csv.push_str(&format!("{},web,{cell}\n", at.format("%Y-%m-%d %H:%M:%S")));
     }
     let file = dir.join("load.csv");
     std::fs::write(&file, csv).unwrap();
@@ -356,6 +359,9 @@ fn replay_of_any_csv_writes_the_policy_table_and_two_runs_are_byte_identical() {
         }
     }
     assert_eq!(v["policies"]["static"]["scale_actions"], 0);
+    assert_eq!(v["input"]["rows"], 2 * 1440 - 2);
+    assert_eq!(v["input"]["missing_values"], 2);
+    assert_eq!(v["input"]["first_missing_line"], 702);
     for extra in ["report.md", "load.svg", "replicas.svg", "ebb.toml"] {
         assert!(dir.join("a").join(extra).exists(), "{extra} not written");
     }

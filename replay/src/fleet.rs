@@ -308,6 +308,7 @@ mod tests {
                 from: String::new(),
                 until: String::new(),
                 minutes: 10.0,
+                ..Default::default()
             },
             cluster: m,
             capacity_source: "test".into(),

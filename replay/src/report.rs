@@ -88,7 +88,7 @@ impl PolicyResult {
 }
 
 /// The replayed input.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct InputInfo {
     /// The file (as given).
     pub file: String,
@@ -96,8 +96,14 @@ pub struct InputInfo {
     pub time_column: String,
     /// Value column, read as one service's request rate.
     pub value_column: String,
-    /// Rows.
+    /// Rows replayed.
     pub rows: usize,
+    /// Rows skipped as gaps: their time or value cell held no value (empty, `NaN`, `null`).
+    #[serde(default)]
+    pub missing_values: u64,
+    /// The line of the first of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_missing_line: Option<u64>,
     /// Median sampling step, seconds.
     pub step_seconds: f64,
     /// First and last time (RFC 3339).
@@ -228,6 +234,12 @@ impl Report {
             "# ebb replay: {}\n\n{} rows of `{}` as one service's request rate, every {} s, from {} to {} ({:.0} simulated minutes).\n\n",
             i.file, i.rows, i.value_column, i.step_seconds, i.from, i.until, i.minutes
         );
+        if let Some(line) = i.first_missing_line {
+            md.push_str(&format!(
+                "{} rows held no value (an empty, `NaN` or `null` cell, the first on line {line}) and were skipped as gaps in the series.\n\n",
+                i.missing_values
+            ));
+        }
         md.push_str(&format!(
             "Simulated service: {:.4} requests/s per replica ({}), replicas ready {} s after they are asked for, p95 = {} ms / (1 - utilization) plus queueing, SLO p95 <= {} ms (utilization {:.2}), requests dropped after {} s in queue. Scaling policies target {:.0}% utilization.\n\n",
             c.capacity_per_replica,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::series::{read_series, Series, SeriesError};
+use super::series::{read_series, ReadMode, Series, SeriesError};
 
 /// NAB's probationary share of each file: its first 15% (at most 750 rows) is not scored.
 pub const PROBATION: f64 = 0.15;
@@ -114,7 +114,7 @@ pub fn load_corpus(dir: &Path) -> Result<Vec<NabFile>, NabError> {
                 continue;
             };
             let rel = format!("{cat}/{name}");
-            let series = read_series(&path, "timestamp", "value")?;
+            let series = read_series(&path, "timestamp", "value", ReadMode::Exact)?;
             let mut windows = Vec::new();
             for w in labels.get(&rel).map(Vec::as_slice).unwrap_or_default() {
                 let [start, end] = w.as_slice() else {

@@ -53,6 +53,32 @@ pub struct Series {
     pub raw_times: Vec<String>,
     /// The value cells as the file spelled them.
     pub raw_values: Vec<String>,
+    /// Rows skipped because a cell held no value (empty, `NaN`, `null`, `NA`...).
+    pub missing: u64,
+    /// The line (or row) of the first of them.
+    pub first_missing: Option<u64>,
+}
+
+/// How strictly a file is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Every row must hold a time and a value, and the cells are kept as written (NAB's
+    /// results repeat them row for row).
+    Exact,
+    /// A row whose time or value cell holds no value is a gap in the series: skipped and
+    /// counted, as exports of real metrics have them. Anything else unreadable is still an
+    /// error naming its line.
+    Gaps,
+}
+
+/// Cells that spell "no value" in the exports people replay (pandas' default set, less
+/// the exotic ones).
+fn is_missing(cell: &str) -> bool {
+    const NONE: &[&str] = &[
+        "", "nan", "-nan", "+nan", "null", "none", "na", "n/a", "#n/a", "<na>", "nil", "-",
+    ];
+    let c = cell.trim();
+    c.len() <= 5 && NONE.iter().any(|n| c.eq_ignore_ascii_case(n))
 }
 
 impl Series {
@@ -74,6 +100,7 @@ impl Series {
             raw_values: values.iter().map(|v| v.to_string()).collect(),
             times,
             values,
+            ..Self::default()
         }
     }
 
@@ -101,21 +128,27 @@ pub fn parse_time(text: &str) -> Option<i64> {
 }
 
 /// Reads `time_column` and `value_column` of the file at `path` (CSV, or JSON lines or
-/// Parquet by extension). Every row must parse: a bad cell is an error naming its line (or
-/// row), never a silently skipped row.
+/// Parquet by extension). A bad cell is an error naming its line (or row); under
+/// [`ReadMode::Gaps`] a cell with no value skips its row, counted in [`Series::missing`].
 pub fn read_series(
     path: &Path,
     time_column: &str,
     value_column: &str,
+    mode: ReadMode,
 ) -> Result<Series, SeriesError> {
     let ext = path
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
+    let columns = Columns {
+        time: time_column,
+        value: value_column,
+        mode,
+    };
     let series = match ext.as_str() {
-        "jsonl" | "ndjson" => read_jsonl(path, time_column, value_column)?,
-        "parquet" => read_parquet(path, time_column, value_column)?,
-        _ => read_csv(path, time_column, value_column)?,
+        "jsonl" | "ndjson" => read_jsonl(path, columns)?,
+        "parquet" => read_parquet(path, columns)?,
+        _ => read_csv(path, columns)?,
     };
     if series.len() < 2 {
         return Err(SeriesError::TooShort(path.to_path_buf()));
@@ -123,29 +156,52 @@ pub fn read_series(
     Ok(series)
 }
 
-/// Adds one row, checking both cells; `at` names the row in an error.
+/// The two columns read, and how.
+#[derive(Clone, Copy)]
+struct Columns<'a> {
+    time: &'a str,
+    value: &'a str,
+    mode: ReadMode,
+}
+
+/// Adds one row, checking both cells; `line` and `bad` name the row in an error. `None`
+/// stands for a null (Parquet, JSON) cell.
 fn push_row(
     series: &mut Series,
-    (time_column, time): (&str, &str),
-    (value_column, value): (&str, &str),
+    columns: Columns<'_>,
+    (time, value): (Option<&str>, Option<&str>),
+    line: u64,
     bad: impl Fn(String) -> SeriesError,
 ) -> Result<(), SeriesError> {
-    let ms = parse_time(time)
-        .ok_or_else(|| bad(format!("{time_column} {time:?} is not a timestamp")))?;
+    let (tc, vc) = (columns.time, columns.value);
+    if columns.mode == ReadMode::Gaps
+        && (time.is_none_or(is_missing) || value.is_none_or(is_missing))
+    {
+        series.missing += 1;
+        series.first_missing.get_or_insert(line);
+        return Ok(());
+    }
+    let (Some(time), Some(value)) = (time, value) else {
+        let column = if time.is_none() { tc } else { vc };
+        return Err(bad(format!("{column} is null")));
+    };
+    let ms = parse_time(time).ok_or_else(|| bad(format!("{tc} {time:?} is not a timestamp")))?;
     let x: f64 = value
         .trim()
         .parse()
         .ok()
         .filter(|x: &f64| x.is_finite())
-        .ok_or_else(|| bad(format!("{value_column} {value:?} is not a finite number")))?;
+        .ok_or_else(|| bad(format!("{vc} {value:?} is not a finite number")))?;
     series.times.push(ms);
     series.values.push(x);
-    series.raw_times.push(time.to_string());
-    series.raw_values.push(value.to_string());
+    if columns.mode == ReadMode::Exact {
+        series.raw_times.push(time.to_string());
+        series.raw_values.push(value.to_string());
+    }
     Ok(())
 }
 
-fn read_jsonl(path: &Path, time_column: &str, value_column: &str) -> Result<Series, SeriesError> {
+fn read_jsonl(path: &Path, columns: Columns<'_>) -> Result<Series, SeriesError> {
     use std::io::BufRead;
     let file = std::fs::File::open(path)
         .map_err(|e| SeriesError::Read(path.to_path_buf(), e.to_string()))?;
@@ -164,23 +220,26 @@ fn read_jsonl(path: &Path, time_column: &str, value_column: &str) -> Result<Seri
         let row: serde_json::Value =
             serde_json::from_str(&line).map_err(|e| bad(format!("not JSON: {e}")))?;
         let cell = |column: &str| match row.get(column) {
-            Some(serde_json::Value::String(s)) => Ok(s.clone()),
-            Some(v @ serde_json::Value::Number(_)) => Ok(v.to_string()),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+            Some(v @ serde_json::Value::Number(_)) => Ok(Some(v.to_string())),
+            Some(serde_json::Value::Null) => Ok(None),
             Some(other) => Err(bad(format!("{column} is {other}, not a string or number"))),
+            // An absent field is a misspelt column far more often than a gap.
             None => Err(bad(format!("no field {column:?}"))),
         };
-        let (time, value) = (cell(time_column)?, cell(value_column)?);
+        let (time, value) = (cell(columns.time)?, cell(columns.value)?);
         push_row(
             &mut series,
-            (time_column, &time),
-            (value_column, &value),
+            columns,
+            (time.as_deref(), value.as_deref()),
+            n,
             bad,
         )?;
     }
     Ok(series)
 }
 
-fn read_parquet(path: &Path, time_column: &str, value_column: &str) -> Result<Series, SeriesError> {
+fn read_parquet(path: &Path, columns: Columns<'_>) -> Result<Series, SeriesError> {
     use datafusion::arrow::array::{Array, AsArray};
     use datafusion::arrow::compute::cast;
     use datafusion::arrow::datatypes::{DataType, Float64Type, TimeUnit, TimestampMillisecondType};
@@ -211,7 +270,7 @@ fn read_parquet(path: &Path, time_column: &str, value_column: &str) -> Result<Se
                         .join(","),
                 })
         };
-        let (t, v) = (column(time_column)?, column(value_column)?);
+        let (t, v) = (column(columns.time)?, column(columns.value)?);
         let values = cast(&v, &DataType::Float64).map_err(|e| fail(&e))?;
         let values = values.as_primitive::<Float64Type>();
         // Timestamps are taken as stored (UTC); anything else as text, as a CSV cell would.
@@ -233,22 +292,20 @@ fn read_parquet(path: &Path, time_column: &str, value_column: &str) -> Result<Se
                 line: row,
                 why,
             };
-            if values.is_null(i) {
-                return Err(bad(format!("{value_column} is null")));
-            }
-            let value = values.value(i).to_string();
+            let value = (!values.is_null(i)).then(|| values.value(i).to_string());
             let time = match (&stamps, &texts) {
                 (Some(s), _) if !s.is_null(i) => {
                     let ms = s.as_primitive::<TimestampMillisecondType>().value(i);
-                    crate::stages::window::aggregate::ms_to_rfc3339(ms)
+                    Some(crate::stages::window::aggregate::ms_to_rfc3339(ms))
                 }
-                (None, Some(t)) if !t.is_null(i) => t.as_string::<i32>().value(i).to_string(),
-                _ => return Err(bad(format!("{time_column} is null"))),
+                (None, Some(t)) if !t.is_null(i) => Some(t.as_string::<i32>().value(i).to_string()),
+                _ => None,
             };
             push_row(
                 &mut series,
-                (time_column, &time),
-                (value_column, &value),
+                columns,
+                (time.as_deref(), value.as_deref()),
+                row,
                 bad,
             )?;
         }
@@ -256,7 +313,7 @@ fn read_parquet(path: &Path, time_column: &str, value_column: &str) -> Result<Se
     Ok(series)
 }
 
-fn read_csv(path: &Path, time_column: &str, value_column: &str) -> Result<Series, SeriesError> {
+fn read_csv(path: &Path, columns: Columns<'_>) -> Result<Series, SeriesError> {
     let io = |source| SeriesError::Io {
         path: path.to_path_buf(),
         source,
@@ -276,7 +333,7 @@ fn read_csv(path: &Path, time_column: &str, value_column: &str) -> Result<Series
                 header: header.iter().collect::<Vec<_>>().join(","),
             })
     };
-    let (t, v) = (find(time_column)?, find(value_column)?);
+    let (t, v) = (find(columns.time)?, find(columns.value)?);
     let mut series = Series::default();
     let mut record = csv::StringRecord::new();
     while reader.read_record(&mut record).map_err(io)? {
@@ -287,8 +344,13 @@ fn read_csv(path: &Path, time_column: &str, value_column: &str) -> Result<Series
             line,
             why,
         };
-        let (time, value) = (cell(t), cell(v));
-        push_row(&mut series, (time_column, time), (value_column, value), bad)?;
+        push_row(
+            &mut series,
+            columns,
+            (Some(cell(t)), Some(cell(v))),
+            line,
+            bad,
+        )?;
     }
     Ok(series)
 }
@@ -352,7 +414,9 @@ mod tests {
         w.write(&batch).unwrap_or_else(|e| panic!("{e}"));
         w.close().unwrap_or_else(|e| panic!("{e}"));
 
-        let read = |p: &Path| read_series(p, "ts", "rps").unwrap_or_else(|e| panic!("{e}"));
+        let read = |p: &Path| {
+            read_series(p, "ts", "rps", ReadMode::Gaps).unwrap_or_else(|e| panic!("{e}"))
+        };
         let (a, b, c) = (read(&csv), read(&jsonl), read(&parquet));
         assert_eq!(a.times, vec![t0, t0 + 300_000, t0 + 600_000]);
         assert_eq!(a.values, vec![10.5, 12.0, 9.0]);
@@ -360,6 +424,53 @@ mod tests {
             assert_eq!(s.times, a.times);
             assert_eq!(s.values, a.values);
         }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn cells_with_no_value_are_gaps_counted_but_garbage_is_still_an_error() {
+        let d = dir();
+        let csv = d.join("gaps.csv");
+        std::fs::write(
+            &csv,
+            "ts,rps\n2026-01-05 00:00:00,1\n2026-01-05 00:01:00,\n2026-01-05 00:02:00,NaN\n\
+             2026-01-05 00:03:00,null\n,4\n2026-01-05 00:05:00,N/A\n2026-01-05 00:06:00,7\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let s = read_series(&csv, "ts", "rps", ReadMode::Gaps).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.values, vec![1.0, 7.0]);
+        assert_eq!((s.missing, s.first_missing), (5, Some(3)));
+        assert!(s.raw_times.is_empty(), "cells are kept only when asked for");
+        let exact = read_series(&csv, "ts", "rps", ReadMode::Exact).map(|_| ());
+        assert!(
+            exact.as_ref().is_err_and(|e| e.to_string().contains(":3:")),
+            "{exact:?}"
+        );
+
+        let jsonl = d.join("gaps.jsonl");
+        std::fs::write(
+            &jsonl,
+            "{\"ts\":1767571200,\"rps\":1}\n{\"ts\":1767571260,\"rps\":null}\n{\"ts\":1767571320,\"rps\":3}\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let s = read_series(&jsonl, "ts", "rps", ReadMode::Gaps).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (s.values.len(), s.missing, s.first_missing),
+            (2, 1, Some(2))
+        );
+
+        let garbage = d.join("garbage.csv");
+        std::fs::write(
+            &garbage,
+            "ts,rps\n2026-01-05 00:00:00,1\n2026-01-05 00:01:00,lots\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let e = read_series(&garbage, "ts", "rps", ReadMode::Gaps).map(|_| ());
+        assert!(
+            e.as_ref()
+                .is_err_and(|e| e.to_string().contains(":3:") && e.to_string().contains("lots")),
+            "{e:?}"
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -372,7 +483,7 @@ mod tests {
             "{\"ts\":\"2026-01-05T00:00:00Z\",\"rps\":1}\n{\"ts\":\"2026-01-05T00:01:00Z\"}\n",
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let e = read_series(&jsonl, "ts", "rps")
+        let e = read_series(&jsonl, "ts", "rps", ReadMode::Gaps)
             .err()
             .map(|e| e.to_string());
         assert!(
@@ -380,7 +491,7 @@ mod tests {
                 .is_some_and(|e| e.contains(":2:") && e.contains("rps")),
             "{e:?}"
         );
-        let parquet_missing = read_series(&d.join("none.parquet"), "ts", "rps");
+        let parquet_missing = read_series(&d.join("none.parquet"), "ts", "rps", ReadMode::Gaps);
         assert!(parquet_missing.is_err());
         let _ = std::fs::remove_dir_all(&d);
     }

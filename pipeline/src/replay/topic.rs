@@ -434,8 +434,7 @@ fn compare_policies(config: &Config, loads: &Loads) -> ebb_replay::fleet::Fleet 
         let series = crate::eval::series::Series {
             times: windows.iter().map(|w| w.0).collect(),
             values: windows.iter().map(|w| w.1).collect(),
-            raw_times: Vec::new(),
-            raw_values: Vec::new(),
+            ..Default::default()
         };
         let input = ebb_replay::report::InputInfo {
             file: service.clone(),
@@ -443,9 +442,7 @@ fn compare_policies(config: &Config, loads: &Loads) -> ebb_replay::fleet::Fleet 
             value_column: loads.spec.name.clone(),
             rows: series.times.len(),
             step_seconds: series.step_ms() as f64 / 1000.0,
-            from: String::new(),
-            until: String::new(),
-            minutes: 0.0,
+            ..Default::default()
         };
         let outcome = super::replay_series(config, &series, input, "ebb.toml", &[]);
         fleet.add(service, &outcome.report, &outcome.runs);

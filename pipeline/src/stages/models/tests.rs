@@ -259,6 +259,7 @@ fn a_spiky_random_walk_sampled_with_gaps_is_forecast_as_well_as_its_last_value()
         raw_values: values.iter().map(|v| v.to_string()).collect(),
         times,
         values,
+        ..Default::default()
     };
     let score = evaluate(&series, &ForecastConfig::default());
     for e in &score.horizons {
