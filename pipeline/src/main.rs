@@ -729,6 +729,12 @@ async fn dispatch(cli: Cli) -> Result<()> {
             })
             .await??;
             println!("{name}: {} rows, step {} s", score.rows, score.step_seconds);
+            if score.missing_values > 0 {
+                println!(
+                    "  {} rows held no value and were skipped as gaps",
+                    score.missing_values
+                );
+            }
             println!(
                 "  {:>8} {:>8} {:>12} {:>9} {:>12} {:>12} {:>14} {:>9}",
                 "horizon",

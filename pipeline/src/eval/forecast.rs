@@ -39,6 +39,8 @@ pub struct HorizonError {
 pub struct ForecastScore {
     /// Rows read.
     pub rows: usize,
+    /// Rows skipped as gaps (a time or value cell with no value).
+    pub missing_values: u64,
     /// Median sampling step, seconds.
     pub step_seconds: f64,
     /// Per horizon, in the configured order.
@@ -147,6 +149,7 @@ pub fn evaluate(series: &Series, cfg: &ForecastConfig) -> ForecastScore {
         .collect();
     ForecastScore {
         rows: series.len(),
+        missing_values: series.missing,
         step_seconds: step as f64 / 1000.0,
         horizons,
     }
