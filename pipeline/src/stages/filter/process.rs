@@ -312,21 +312,15 @@ impl FilterStage {
         Ok((format, clean))
     }
 
-    fn clean(&mut self, input: &Input<'_>) -> Result<(codec::Format, CleanSample, Output), Reject> {
+    /// The clean sample and its encoding, in the format it came in.
+    fn clean(
+        &mut self,
+        input: &Input<'_>,
+    ) -> Result<(codec::Format, CleanSample, Vec<u8>), Reject> {
         let (format, clean) = self.clean_sample(input)?;
         let payload = codec::encode_clean(&clean, format, &self.avro)
             .map_err(|e| reject("encode_failed", e.to_string()))?;
-        let output = Output {
-            output: CLEAN,
-            key: clean.service.as_bytes().to_vec(),
-            payload,
-            headers: input
-                .headers
-                .iter()
-                .map(|(k, v)| ((*k).to_string(), v.to_vec()))
-                .collect(),
-        };
-        Ok((format, clean, output))
+        Ok((format, clean, payload))
     }
 
     /// [`Stage::process`], also handing back the clean sample it emitted, so an in-process
@@ -337,8 +331,12 @@ impl FilterStage {
         out: &mut Emitter,
     ) -> Option<(codec::Format, CleanSample)> {
         match self.clean(input) {
-            Ok((format, sample, output)) => {
-                out.emit(output);
+            Ok((format, sample, payload)) => {
+                out.emit(clean_output(
+                    input,
+                    sample.service.as_bytes().to_vec(),
+                    payload,
+                ));
                 Some((format, sample))
             }
             Err(Reject { reason, detail }) => {
@@ -346,6 +344,20 @@ impl FilterStage {
                 None
             }
         }
+    }
+}
+
+/// The clean record of `input`: keyed by service, its headers carried over.
+fn clean_output(input: &Input<'_>, key: Vec<u8>, payload: Vec<u8>) -> Output {
+    Output {
+        output: CLEAN,
+        key,
+        payload,
+        headers: input
+            .headers
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), v.to_vec()))
+            .collect(),
     }
 }
 
@@ -359,7 +371,13 @@ impl Stage for FilterStage {
     }
 
     fn process(&mut self, input: &Input<'_>, out: &mut Emitter) {
-        self.process_sample(input, out);
+        // As `process_sample`, with the sample's service moved into the key, not copied.
+        match self.clean(input) {
+            Ok((_, sample, payload)) => {
+                out.emit(clean_output(input, sample.service.into_bytes(), payload));
+            }
+            Err(Reject { reason, detail }) => out.dead_letter(input, reason, detail),
+        }
     }
 
     fn on_time(&mut self, now: DateTime<Utc>, _out: &mut Emitter) {
