@@ -459,6 +459,47 @@ mod tests {
             (2, 1, Some(2))
         );
 
+        let parquet = d.join("gaps.parquet");
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, None), true),
+            Field::new("rps", DataType::Float64, true),
+        ]));
+        let t0 = 1_767_571_200_000i64;
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(TimestampMillisecondArray::from(vec![
+                    Some(t0),
+                    Some(t0 + 60_000),
+                    None,
+                    Some(t0 + 180_000),
+                ])),
+                Arc::new(Float64Array::from(vec![
+                    Some(1.0),
+                    None,
+                    Some(3.0),
+                    Some(4.0),
+                ])),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let file = std::fs::File::create(&parquet).unwrap_or_else(|e| panic!("{e}"));
+        let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(file, schema, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        w.write(&batch).unwrap_or_else(|e| panic!("{e}"));
+        w.close().unwrap_or_else(|e| panic!("{e}"));
+        let s =
+            read_series(&parquet, "ts", "rps", ReadMode::Gaps).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.values, vec![1.0, 4.0]);
+        assert_eq!((s.missing, s.first_missing), (2, Some(2)));
+        let exact = read_series(&parquet, "ts", "rps", ReadMode::Exact).map(|_| ());
+        assert!(
+            exact
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("rps is null")),
+            "{exact:?}"
+        );
+
         let garbage = d.join("garbage.csv");
         std::fs::write(
             &garbage,
