@@ -369,6 +369,14 @@ mod tests {
         d
     }
 
+    fn write_parquet(path: &Path, batch: &RecordBatch) {
+        let file = std::fs::File::create(path).unwrap_or_else(|e| panic!("{e}"));
+        let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        w.write(batch).unwrap_or_else(|e| panic!("{e}"));
+        w.close().unwrap_or_else(|e| panic!("{e}"));
+    }
+
     #[test]
     fn csv_json_lines_and_parquet_give_the_same_series() {
         let d = dir();
@@ -408,11 +416,7 @@ mod tests {
             ],
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let file = std::fs::File::create(&parquet).unwrap_or_else(|e| panic!("{e}"));
-        let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(file, schema, None)
-            .unwrap_or_else(|e| panic!("{e}"));
-        w.write(&batch).unwrap_or_else(|e| panic!("{e}"));
-        w.close().unwrap_or_else(|e| panic!("{e}"));
+        write_parquet(&parquet, &batch);
 
         let read = |p: &Path| {
             read_series(p, "ts", "rps", ReadMode::Gaps).unwrap_or_else(|e| panic!("{e}"))
@@ -483,11 +487,7 @@ mod tests {
             ],
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let file = std::fs::File::create(&parquet).unwrap_or_else(|e| panic!("{e}"));
-        let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(file, schema, None)
-            .unwrap_or_else(|e| panic!("{e}"));
-        w.write(&batch).unwrap_or_else(|e| panic!("{e}"));
-        w.close().unwrap_or_else(|e| panic!("{e}"));
+        write_parquet(&parquet, &batch);
         let s =
             read_series(&parquet, "ts", "rps", ReadMode::Gaps).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.values, vec![1.0, 4.0]);
