@@ -35,8 +35,14 @@ pub struct ModelsFigures {
     pub updates_per_s: f64,
     /// Seconds for the k-means + DBSCAN detector alone in one round.
     pub detector_round_s: f64,
-    /// Heap per service (anomaly model + two forecasters), bytes, from resident memory.
+    /// Memory per service (anomaly model + two forecasters), bytes: resident-set growth,
+    /// so allocator overhead included.
     pub bytes_per_service: f64,
+    /// Model state per service, bytes, as the models count it (sizes and reserved buffer
+    /// capacities; no allocator overhead), the mean over all services.
+    pub state_bytes_per_service: f64,
+    /// The largest counted state of any one service, bytes.
+    pub max_state_bytes: usize,
     /// Snapshot size per service (JSON), bytes.
     pub snapshot_bytes_per_service: f64,
     /// River k-means updates per second on the same features, if run.
@@ -93,6 +99,13 @@ pub fn models(services: usize, warm_windows: usize, python: Option<&str>) -> Mod
         (Some(b), Some(a)) => (a - b).max(0.0) / services as f64,
         _ => f64::NAN,
     };
+    let counted: Vec<usize> = models
+        .iter()
+        .map(|(m, f)| m.state_bytes() + f.iter().map(Forecaster::state_bytes).sum::<usize>())
+        .collect();
+    let state_bytes_per_service =
+        counted.iter().sum::<usize>() as f64 / counted.len().max(1) as f64;
+    let max_state_bytes = counted.iter().copied().max().unwrap_or(0);
     let sample = services.min(200);
     let snapshot_bytes: usize = models
         .iter()
@@ -135,6 +148,8 @@ pub fn models(services: usize, warm_windows: usize, python: Option<&str>) -> Mod
         updates_per_s,
         detector_round_s,
         bytes_per_service,
+        state_bytes_per_service,
+        max_state_bytes,
         snapshot_bytes_per_service: snapshot_bytes as f64 / sample.max(1) as f64,
         river_updates_per_s,
         ratio_vs_river: river_updates_per_s.map(|r| detector_per_s / r),

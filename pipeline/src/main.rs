@@ -789,7 +789,11 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 f.detector_round_s
             );
             println!(
-                "  model state per service (resident)             {:>9.0} B   (snapshot {:.0} B)",
+                "  model state per service (counted)              {:>9.0} B   (largest {} B)",
+                f.state_bytes_per_service, f.max_state_bytes
+            );
+            println!(
+                "  memory per service (resident growth)           {:>9.0} B   (snapshot {:.0} B)",
                 f.bytes_per_service, f.snapshot_bytes_per_service
             );
             match (f.river_updates_per_s, f.ratio_vs_river) {

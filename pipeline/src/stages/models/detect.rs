@@ -260,6 +260,22 @@ impl AnomalyModel {
         }
     }
 
+    /// Bytes this model holds: its own size plus every buffer it owns, counted by capacity
+    /// (what is reserved, not what is filled). Allocator overhead is not included.
+    pub fn state_bytes(&self) -> usize {
+        let kmeans = self.kmeans.as_ref().map_or(0, |k| {
+            (k.centroids().len() + k.cluster_count().len()) * std::mem::size_of::<f64>()
+        });
+        std::mem::size_of::<Self>()
+            + self.signals.capacity() * std::mem::size_of::<SignalState>()
+            + kmeans
+            + (self.reservoir.data.capacity() + self.recent.data.capacity())
+                * std::mem::size_of::<i16>()
+            + (self.distances.data.capacity() + self.raw_scores.data.capacity())
+                * std::mem::size_of::<u16>()
+            + self.fresh_peaks.queue.capacity() * std::mem::size_of::<(u64, f32)>()
+    }
+
     /// Windows seen so far.
     pub fn seen(&self) -> u64 {
         self.seen

@@ -191,21 +191,45 @@ pub struct Prediction {
 }
 
 /// A forecast made earlier, waiting for its target to arrive.
+///
+/// Kept compact (f32 where the value only feeds error tracking, NaN for "none"): a service
+/// holds one per horizon step ahead, some forty in all, so each byte here is forty in the
+/// per-service budget. The "last value" forecast is `base` itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-/// Kept compact (f32 where the value only feeds error tracking): a service holds one per
-/// horizon step ahead.
 struct Pending {
     target_ms: i64,
-    x: [f32; INPUTS],
     base: f64,
+    x: [f32; INPUTS],
     scale: f32,
     model: f32,
-    last: f32,
-    yesterday: Option<f32>,
-    /// The error-weighted blend of the three, published or not (absent in older snapshots).
-    #[serde(default)]
-    blend: Option<f32>,
+    /// "Same time yesterday"; NaN while that profile bucket is unseen (null in a snapshot).
+    #[serde(with = "nan_as_none")]
+    yesterday: f32,
+    /// The error-weighted blend of the three, published or not; NaN when there was none
+    /// (null in a snapshot, absent in older ones).
+    #[serde(default = "nan", with = "nan_as_none")]
+    blend: f32,
     value: f32,
+}
+
+fn nan() -> f32 {
+    f32::NAN
+}
+
+/// One float whose NaN travels as a JSON null, as `Option<f32>` did before.
+mod nan_as_none {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+        match v.is_finite() {
+            true => s.serialize_some(v),
+            false => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+        Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
+    }
 }
 
 /// Recursive least squares with forgetting.
@@ -356,6 +380,22 @@ impl Forecaster {
         (!std::mem::replace(&mut self.input_missing, true)).then_some(last)
     }
 
+    /// Bytes this forecaster holds: its own size plus every buffer it owns, counted by
+    /// capacity. Allocator overhead is not included.
+    pub fn state_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.profile.capacity() * std::mem::size_of::<f32>()
+            + self.horizons.capacity() * std::mem::size_of::<Horizon>()
+            + self
+                .horizons
+                .iter()
+                .map(|h| {
+                    h.pending.capacity() * std::mem::size_of::<Pending>()
+                        + h.residuals.capacity() * std::mem::size_of::<f32>()
+                })
+                .sum::<usize>()
+    }
+
     /// Whether no horizon has been scored often enough to publish its regression yet.
     pub fn warming_up(&self) -> bool {
         self.horizons.iter().all(|h| h.scored < WARMUP_SCORED)
@@ -444,9 +484,8 @@ impl Forecaster {
                 base: y_fit,
                 scale: scale as f32,
                 model: model as f32,
-                last: y_fit as f32,
-                yesterday: yesterday.map(|v| v as f32),
-                blend: blend.map(|v| v as f32),
+                yesterday: yesterday.map_or(f32::NAN, |v| v as f32),
+                blend: blend.map_or(f32::NAN, |v| v as f32),
                 value: value as f32,
             });
             // Bounded: a series that stops advancing in time cannot grow this without end.
@@ -493,10 +532,10 @@ impl Forecaster {
                 );
                 let errors = [
                     (f64::from(p.model) - y).abs(),
-                    (f64::from(p.last) - y).abs(),
-                    p.yesterday.map_or(f64::NAN, |v| (f64::from(v) - y).abs()),
+                    (p.base - y).abs(),
+                    (f64::from(p.yesterday) - y).abs(),
                 ];
-                let blend = p.blend.map_or(f64::NAN, |v| (f64::from(v) - y).abs());
+                let blend = (f64::from(p.blend) - y).abs();
                 for (m, e) in hz
                     .mae
                     .iter_mut()
@@ -616,5 +655,30 @@ mod tests {
         assert!(f.horizons[0].rls.w.iter().all(|w| *w == 0.0));
         f.update(61 * 60_000, 102.0, &cfg);
         assert_eq!(f.status(), "ok", "said once");
+    }
+
+    #[test]
+    fn a_pending_forecast_fits_in_64_bytes() {
+        // About forty are pending per service (two signals, 1 + 5 + 15 steps ahead): their
+        // size is a large share of the 16 KiB model budget.
+        assert!(std::mem::size_of::<Pending>() <= 64);
+    }
+
+    #[test]
+    fn pending_forecasts_of_older_snapshots_restore_with_their_gaps() {
+        // The layout before "last" was folded into "base": an explicit last value, an
+        // optional yesterday and no blend.
+        let old = r#"{"target_ms":60000,"x":[1,0,0,0,0,0],"base":10.0,"scale":1.0,
+            "model":11.0,"last":10.0,"yesterday":null,"value":10.5}"#;
+        let p: Pending = serde_json::from_str(old).unwrap_or_else(|e| panic!("{e}"));
+        assert!(p.yesterday.is_nan() && p.blend.is_nan());
+        assert_eq!((p.base, p.model, p.value), (10.0, 11.0, 10.5));
+        let again = serde_json::to_value(&p).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(again["yesterday"], serde_json::Value::Null);
+        assert_eq!(again["blend"], serde_json::Value::Null);
+        let with = r#"{"target_ms":0,"x":[0,0,0,0,0,0],"base":1.0,"scale":1.0,"model":1.0,
+            "yesterday":2.5,"blend":3.5,"value":1.0}"#;
+        let p: Pending = serde_json::from_str(with).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((p.yesterday, p.blend), (2.5, 3.5));
     }
 }

@@ -655,3 +655,35 @@ async fn anomalies_and_forecasts_are_queryable_in_sql_once_each() {
         assert_eq!(row["n"], row["f"]);
     }
 }
+
+#[test]
+fn a_service_model_state_stays_under_16_kib_through_a_day_with_faults() {
+    // The budget of issue 5, counted from the models' own buffers at their default sizes:
+    // the anomaly model and the two load forecasters (one step a minute) of one service,
+    // through a day of ten-second windows, bursts and a gap included.
+    let dcfg = DetectorConfig::default();
+    let fcfg = ForecastConfig::default();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut model = AnomalyModel::new(NAMES.len());
+    let mut load = [Forecaster::new(&fcfg), Forecaster::new(&fcfg)];
+    let mut peak = 0;
+    for i in 0..DAY {
+        let mut v = healthy(i, &mut rng);
+        if i % 997 < 6 {
+            v[0] *= 8.0;
+            v[2] *= 20.0;
+        }
+        step(&mut model, v, &dcfg);
+        let gap = (4000..4600).contains(&i);
+        if i % 6 == 5 && !gap {
+            let t = i as i64 * STEP_MS;
+            load[0].update(t, v[0], &fcfg);
+            load[1].update(t, v[1], &fcfg);
+        }
+        let bytes = model.state_bytes() + load.iter().map(Forecaster::state_bytes).sum::<usize>();
+        peak = peak.max(bytes);
+    }
+    assert!(peak < 16 * 1024, "{peak} bytes");
+    // Counted for real: a warmed model is several kilobytes, not an empty shell.
+    assert!(peak > 8 * 1024, "{peak} bytes");
+}
