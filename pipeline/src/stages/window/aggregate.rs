@@ -15,7 +15,12 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, UInt32Type};
 use datafusion::arrow::error::ArrowError;
+use datafusion::catalog::streaming::StreamingTable;
 use datafusion::error::DataFusionError;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_plan::memory::MemoryStream;
+use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::physical_plan::{collect, ExecutionPlan};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use serde::Serialize;
 
@@ -183,9 +188,23 @@ const QUERY: &str = "SELECT service, metric, window_start, window_end, max(unit)
     first_value(instance ORDER BY value DESC, instance ASC) AS top_instance \
     FROM buffered GROUP BY service, metric, window_start, window_end";
 
+/// The schema the query reads: the buffered rows plus `instance_key`.
+fn query_schema() -> SchemaRef {
+    let mut fields: Vec<Field> = buffered_schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new("instance_key", DataType::UInt32, true));
+    Arc::new(Schema::new(fields))
+}
+
 /// `batch` with `instance_key`: each row's instance as a small integer (equal strings, equal
 /// keys), for counting distinct instances.
-fn with_instance_keys(batch: RecordBatch) -> Result<RecordBatch, AggregateError> {
+fn with_instance_keys(
+    batch: RecordBatch,
+    schema: SchemaRef,
+) -> Result<RecordBatch, AggregateError> {
     let dict = cast(
         batch.column(3),
         &DataType::Dictionary(Box::new(DataType::UInt32), Box::new(DataType::Utf8)),
@@ -196,19 +215,53 @@ fn with_instance_keys(batch: RecordBatch) -> Result<RecordBatch, AggregateError>
         .ok_or(AggregateError::Column("instance_key"))?
         .keys()
         .clone();
-    let mut fields: Vec<Field> = batch
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields.push(Field::new("instance_key", DataType::UInt32, true));
     let mut columns = batch.columns().to_vec();
     columns.push(Arc::new(keys));
-    Ok(RecordBatch::try_new(
-        Arc::new(Schema::new(fields)),
-        columns,
-    )?)
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+/// The table the cached plan reads: whatever batch was put in it last, taken when the plan
+/// runs. Planning the query anew at every step (parse, analyse, optimise, plan) cost as much
+/// as running it when a step closes a few thousand windows.
+#[derive(Debug)]
+struct Slot {
+    schema: SchemaRef,
+    batch: std::sync::Mutex<Option<RecordBatch>>,
+}
+
+impl Slot {
+    fn put(&self, batch: RecordBatch) {
+        // Nothing can panic while the lock is held, but a poisoned slot is still a slot.
+        *self
+            .batch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(batch);
+    }
+
+    fn take(&self) -> Option<RecordBatch> {
+        self.batch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
+impl PartitionStream for Slot {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let batches = self.take().into_iter().collect();
+        let schema = Arc::clone(&self.schema);
+        match MemoryStream::try_new(batches, Arc::clone(&schema), None) {
+            Ok(stream) => Box::pin(stream),
+            // `try_new` without a projection cannot fail; an empty stream is its own answer.
+            Err(_) => Box::pin(datafusion::physical_plan::EmptyRecordBatchStream::new(
+                schema,
+            )),
+        }
+    }
 }
 
 /// Runs the window query. One partition, so results depend only on the rows and their
@@ -216,6 +269,8 @@ fn with_instance_keys(batch: RecordBatch) -> Result<RecordBatch, AggregateError>
 pub struct Aggregator {
     ctx: SessionContext,
     runtime: tokio::runtime::Runtime,
+    slot: Arc<Slot>,
+    plan: Arc<dyn ExecutionPlan>,
 }
 
 impl std::fmt::Debug for Aggregator {
@@ -226,7 +281,7 @@ impl std::fmt::Debug for Aggregator {
 
 impl Aggregator {
     /// A single-partition DataFusion session on its own current-thread runtime, so a stage
-    /// can aggregate from a plain (non-async) `process`.
+    /// can aggregate from a plain (non-async) `process`, with the query planned once.
     pub fn new() -> Result<Self, AggregateError> {
         let config = SessionConfig::new()
             .with_target_partitions(1)
@@ -239,7 +294,21 @@ impl Aggregator {
         for udaf in ebb_udf_datafusion::aggregates() {
             ctx.register_udaf(udaf);
         }
-        Ok(Self { ctx, runtime })
+        let schema = query_schema();
+        let slot = Arc::new(Slot {
+            schema: Arc::clone(&schema),
+            batch: std::sync::Mutex::new(None),
+        });
+        let table = StreamingTable::try_new(schema, vec![Arc::clone(&slot) as _])?;
+        ctx.register_table("buffered", Arc::new(table))?;
+        let plan =
+            runtime.block_on(async { ctx.sql(QUERY).await?.create_physical_plan().await })?;
+        Ok(Self {
+            ctx,
+            runtime,
+            slot,
+            plan,
+        })
     }
 
     /// Aggregates every window in `batch`, sorted by (service, metric, window_start,
@@ -248,15 +317,14 @@ impl Aggregator {
         if batch.num_rows() == 0 {
             return Ok(Vec::new());
         }
-        let batch = with_instance_keys(batch)?;
-        let ctx = &self.ctx;
-        let results = self.runtime.block_on(async {
-            ctx.deregister_table("buffered")?;
-            ctx.register_batch("buffered", batch)?;
-            let out = ctx.sql(QUERY).await?.collect().await;
-            ctx.deregister_table("buffered")?;
-            out
-        })?;
+        let batch = with_instance_keys(batch, Arc::clone(self.slot.schema()))?;
+        self.slot.put(batch);
+        let plan = Arc::clone(&self.plan);
+        let task = self.ctx.task_ctx();
+        let results = self.runtime.block_on(collect(plan, task));
+        // A failed run must not leave its rows for the next step's.
+        self.slot.take();
+        let results = results?;
         let mut out = Vec::new();
         for b in &results {
             decode(b, &mut out)?;
@@ -490,6 +558,44 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&a).unwrap_or_default(),
             serde_json::to_string(&b).unwrap_or_default()
+        );
+    }
+
+    #[test]
+    fn one_planned_query_aggregates_each_step_from_its_own_rows_only() {
+        let batch = |rows: &[(&str, f64)]| {
+            let mut b = Rows::default();
+            for (inst, v) in rows {
+                b.push("api", "cpu", None, inst, *v, 0, 10_000);
+            }
+            b.finish().unwrap_or_else(|e| panic!("{e}"))
+        };
+        let a = Aggregator::new().unwrap_or_else(|e| panic!("{e}"));
+        let run = |rows: &[(&str, f64)]| a.aggregate(batch(rows)).unwrap_or_else(|e| panic!("{e}"));
+        let first = run(&[("a", 1.0), ("b", 3.0)]);
+        let second = run(&[("c", 10.0)]);
+        assert_eq!(
+            (first[0].count, first[0].sum, first[0].instances),
+            (2, 4.0, 2)
+        );
+        assert_eq!(second.len(), 1);
+        assert_eq!(
+            (second[0].count, second[0].sum, second[0].instances),
+            (1, 10.0, 1),
+            "the second step sees none of the first step's rows"
+        );
+        assert_eq!(second[0].top_instance.as_deref(), Some("c"));
+        assert!(run(&[]).is_empty());
+        // The same rows through a fresh plan and through the reused one: the same bits.
+        let rows = [("a", 2.5), ("b", 7.0), ("a", 1.0)];
+        assert_eq!(
+            serde_json::to_string(&run(&rows)).unwrap_or_default(),
+            serde_json::to_string(
+                &Aggregator::new()
+                    .and_then(|f| f.aggregate(batch(&rows)))
+                    .unwrap_or_else(|e| panic!("{e}"))
+            )
+            .unwrap_or_default()
         );
     }
 
