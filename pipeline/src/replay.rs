@@ -190,6 +190,7 @@ struct Ebb {
     state: ScaleState,
     last: Option<StoredForecast>,
     window_ms: i64,
+    decisions: ebb_replay::Decisions,
 }
 
 impl Policy for Ebb {
@@ -208,7 +209,18 @@ impl Policy for Ebb {
             .as_ref()
             .and_then(|f| f.view(t_ms, startup_ms + self.window_ms));
         let obs = observation(t_ms, self.window_ms, load, cluster, forecast);
-        policy::scale(&mut self.state, &self.scale, &self.limits, &obs).map(|d| d.target)
+        let d = &mut self.decisions;
+        d.windows += 1;
+        let basis = policy::forecast_basis(&self.scale, &obs, self.limits.capacity_per_replica);
+        *d.basis.entry(basis.to_string()).or_default() += 1;
+        let decision = policy::scale(&mut self.state, &self.scale, &self.limits, &obs)?;
+        *d.actions
+            .entry(decision.policy.as_str().to_string())
+            .or_default() += 1;
+        for limit in &decision.limits {
+            *d.limited_by.entry((*limit).to_string()).or_default() += 1;
+        }
+        Some(decision.target)
     }
 }
 
@@ -313,6 +325,7 @@ pub fn replay_series(
         state: ScaleState::default(),
         last: None,
         window_ms,
+        decisions: ebb_replay::Decisions::default(),
     };
     let mut hpa = Hpa {
         scale: scale.hpa_baseline(),
@@ -366,6 +379,7 @@ pub fn replay_series(
         policies,
         verdict,
         anomalies,
+        ebb_decisions: ebb.decisions,
         config_file: config_file.to_string(),
     };
     Outcome { report, runs }
@@ -550,6 +564,34 @@ mod tests {
         let b = serde_json::to_string(&replay(load)).unwrap_or_default();
         assert!(!a.is_empty());
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn the_report_says_what_each_of_ebbs_decisions_rested_on() {
+        // A day and a half of a daily cycle: the forecaster warms up first, then leads.
+        let load: Vec<f64> = (0..2160)
+            .map(|i| 600.0 + 400.0 * (i as f64 * std::f64::consts::TAU / 1440.0).sin())
+            .collect();
+        let r = replay(load.clone());
+        let d = &r.ebb_decisions;
+        assert_eq!(d.windows, load.len() as u64);
+        assert_eq!(d.basis.values().sum::<u64>(), d.windows);
+        assert!(d.basis.get("warming_up").is_some_and(|n| *n > 0), "{d:?}");
+        assert!(
+            d.basis.get("forecast").is_some_and(|n| *n > d.windows / 2),
+            "{d:?}"
+        );
+        assert_eq!(
+            d.actions.values().sum::<u64>(),
+            r.policies["ebb"].scale_actions,
+            "{d:?}"
+        );
+        assert!(d.actions.contains_key("forecast"), "{d:?}");
+        let md = r.markdown();
+        assert!(
+            md.contains("windows (") && md.contains("rested on the forecast"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -316,6 +316,7 @@ mod tests {
             policies,
             verdict,
             anomalies: None,
+            ebb_decisions: Default::default(),
             config_file: "ebb.toml".into(),
         };
         (report, runs)

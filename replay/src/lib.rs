@@ -13,5 +13,5 @@ pub mod policies;
 pub mod report;
 pub mod sim;
 
-pub use report::{PolicyResult, Report};
+pub use report::{Decisions, PolicyResult, Report};
 pub use sim::{Cluster, ClusterModel, Step};

@@ -150,8 +150,68 @@ pub struct Report {
     pub verdict: Verdict,
     /// Anomaly detection, where labels exist.
     pub anomalies: Option<AnomalyScore>,
+    /// What ebb's decisions rested on, window by window, and what held them back.
+    pub ebb_decisions: Decisions,
     /// The configuration that produced this report (kept so the run can be reproduced).
     pub config_file: String,
+}
+
+/// How ebb's policy decided: whether each window's decision rested on the forecast or on the
+/// reactive rule standing in for it (and why), and what limited its scale actions. It says
+/// why ebb did what it did, e.g. why it behaved exactly like the HPA on some trace.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Decisions {
+    /// Windows decided.
+    pub windows: u64,
+    /// Windows by what the decision rested on: `forecast`, or why the reactive rule stood in
+    /// (`warming_up`, `no_better_than_last`, `error_too_high`, `stale`, ...).
+    pub basis: BTreeMap<String, u64>,
+    /// Scale actions by the rule that fired (`forecast`, `reactive`).
+    pub actions: BTreeMap<String, u64>,
+    /// Scale actions changed by each safety limit (`cost_ceiling`, `up_stabilization`, ...).
+    pub limited_by: BTreeMap<String, u64>,
+}
+
+impl Decisions {
+    /// One sentence for `report.md`.
+    pub fn sentence(&self) -> String {
+        let list = |m: &BTreeMap<String, u64>| {
+            let mut v: Vec<(&String, &u64)> = m.iter().collect();
+            // Largest first; ties by name, so the sentence is the same every run.
+            v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            v.iter()
+                .map(|(k, n)| format!("{} {n}", k.replace('_', " ")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let on_forecast = self.basis.get("forecast").copied().unwrap_or(0);
+        let share = if self.windows > 0 {
+            100.0 * on_forecast as f64 / self.windows as f64
+        } else {
+            0.0
+        };
+        let mut fallbacks = self.basis.clone();
+        fallbacks.remove("forecast");
+        let mut s = format!(
+            "ebb's decisions: {on_forecast} of {} windows ({share:.0}%) rested on the forecast",
+            self.windows
+        );
+        if !fallbacks.is_empty() {
+            s.push_str(&format!(
+                "; the reactive rule stood in for the others ({})",
+                list(&fallbacks)
+            ));
+        }
+        s.push('.');
+        if !self.actions.is_empty() {
+            s.push_str(&format!(" Scale actions by rule: {}", list(&self.actions)));
+            if !self.limited_by.is_empty() {
+                s.push_str(&format!("; changed by limits: {}", list(&self.limited_by)));
+            }
+            s.push('.');
+        }
+        s
+    }
 }
 
 /// ebb against the HPA baseline, in two booleans and two ratios.
@@ -260,6 +320,7 @@ impl Report {
             100.0 * v.cost_ratio,
             if v.no_more_cost_than_hpa { "no more" } else { "more" },
         ));
+        md.push_str(&format!("\n{}\n", self.ebb_decisions.sentence()));
         if let Some(a) = &self.anomalies {
             md.push_str(&format!(
                 "\nAnomalies: {} of {} labelled windows detected (recall {:.2}), precision {:.2} over {} detections{}.\n",

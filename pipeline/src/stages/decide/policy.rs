@@ -203,45 +203,70 @@ fn ceil_replicas(x: f64) -> u32 {
     }
 }
 
-/// Why a forecast cannot be trusted for this decision; `None` when it can.
+/// What a decision on `obs` rests on: `forecast` when the forecast can be trusted, else
+/// the kind of reason it cannot (`no_forecast`, `warming_up`, `model_reset`, `stale`,
+/// `no_better_than_last`, `capacity_unknown`, `error_too_high`, `status`), as a replay
+/// report counts them.
+pub fn forecast_basis(cfg: &ScaleConfig, obs: &Observation, capacity: Option<f64>) -> &'static str {
+    match (&obs.forecast, forecast_problem(cfg, obs, capacity)) {
+        (None, _) => "no_forecast",
+        (Some(_), None) => "forecast",
+        (Some(_), Some((kind, _, _))) => kind,
+    }
+}
+
+/// Why a forecast cannot be trusted for this decision (a kind and a sentence); `None` when
+/// it can.
 fn forecast_problem<'a>(
     cfg: &ScaleConfig,
     obs: &'a Observation,
     capacity: Option<f64>,
-) -> Option<(String, &'a ForecastView)> {
+) -> Option<(&'static str, String, &'a ForecastView)> {
     let Some(f) = &obs.forecast else {
         return None;
     };
     let stale_ms = i64::try_from(cfg.forecast_staleness.as_millis()).unwrap_or(i64::MAX);
     let why = if !f.ready {
         Some(match f.status.as_str() {
-            "" | "warming_up" => "forecast warming up".to_string(),
-            "model_reset" => "forecast model reset (numerical breakdown)".to_string(),
-            other => format!("forecast status {other}"),
+            "" | "warming_up" => ("warming_up", "forecast warming up".to_string()),
+            "model_reset" => (
+                "model_reset",
+                "forecast model reset (numerical breakdown)".to_string(),
+            ),
+            other => ("status", format!("forecast status {other}")),
         })
     } else if obs.window_start - f.made_at_ms > stale_ms {
         // Age at the window's start: a decision uses the forecast made at the window's end,
         // or the previous window's when this one's has not come; both count as fresh,
         // whatever the window's length.
-        Some(format!(
-            "forecast stale ({} s old)",
-            (obs.window_start - f.made_at_ms) / 1000
+        Some((
+            "stale",
+            format!(
+                "forecast stale ({} s old)",
+                (obs.window_start - f.made_at_ms) / 1000
+            ),
         ))
     } else if f.method == "last" {
-        Some("forecast no better than the last value".to_string())
+        Some((
+            "no_better_than_last",
+            "forecast no better than the last value".to_string(),
+        ))
     } else if capacity.is_none() {
-        Some("capacity per replica not known yet".to_string())
+        Some((
+            "capacity_unknown",
+            "capacity per replica not known yet".to_string(),
+        ))
     } else {
         let scale = obs.load.unwrap_or(f.value).abs().max(f.value.abs());
         match f.recent_mae {
-            Some(mae) if scale > 0.0 && mae > cfg.max_forecast_error * scale => Some(format!(
-                "forecast error {:.0}% of load",
-                100.0 * mae / scale
+            Some(mae) if scale > 0.0 && mae > cfg.max_forecast_error * scale => Some((
+                "error_too_high",
+                format!("forecast error {:.0}% of load", 100.0 * mae / scale),
             )),
             _ => None,
         }
     };
-    why.map(|w| (w, f))
+    why.map(|(kind, w)| (kind, w, f))
 }
 
 /// Decides whether a service should scale after one window. Updates `state` (learned
@@ -317,7 +342,7 @@ pub fn scale(
             (ScalePolicy::Forecast, desired, Some(planned), None)
         }
         (_, problem, _) => {
-            let why = problem.map_or_else(|| "no forecast".to_string(), |(w, _)| w);
+            let why = problem.map_or_else(|| "no forecast".to_string(), |(_, w, _)| w);
             let u = utilization?;
             let ratio = u / target_u;
             let desired = if within_tolerance(ratio) {
