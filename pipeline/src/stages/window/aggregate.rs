@@ -270,7 +270,9 @@ pub struct Aggregator {
     ctx: SessionContext,
     runtime: tokio::runtime::Runtime,
     slot: Arc<Slot>,
-    plan: Arc<dyn ExecutionPlan>,
+    /// Built at the first step, not in `new`: a stage is often built inside an async
+    /// runtime, where this one's `block_on` may not run.
+    plan: std::sync::OnceLock<Arc<dyn ExecutionPlan>>,
 }
 
 impl std::fmt::Debug for Aggregator {
@@ -301,14 +303,24 @@ impl Aggregator {
         });
         let table = StreamingTable::try_new(schema, vec![Arc::clone(&slot) as _])?;
         ctx.register_table("buffered", Arc::new(table))?;
-        let plan =
-            runtime.block_on(async { ctx.sql(QUERY).await?.create_physical_plan().await })?;
         Ok(Self {
             ctx,
             runtime,
             slot,
-            plan,
+            plan: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The window query's physical plan, planned at the first call.
+    fn plan(&self) -> Result<Arc<dyn ExecutionPlan>, AggregateError> {
+        if let Some(plan) = self.plan.get() {
+            return Ok(Arc::clone(plan));
+        }
+        let ctx = &self.ctx;
+        let plan = self
+            .runtime
+            .block_on(async { ctx.sql(QUERY).await?.create_physical_plan().await })?;
+        Ok(Arc::clone(self.plan.get_or_init(|| plan)))
     }
 
     /// Aggregates every window in `batch`, sorted by (service, metric, window_start,
@@ -318,8 +330,8 @@ impl Aggregator {
             return Ok(Vec::new());
         }
         let batch = with_instance_keys(batch, Arc::clone(self.slot.schema()))?;
+        let plan = self.plan()?;
         self.slot.put(batch);
-        let plan = Arc::clone(&self.plan);
         let task = self.ctx.task_ctx();
         let results = self.runtime.block_on(collect(plan, task));
         // A failed run must not leave its rows for the next step's.
@@ -597,6 +609,25 @@ mod tests {
             )
             .unwrap_or_default()
         );
+    }
+
+    #[test]
+    fn an_aggregator_built_inside_an_async_runtime_aggregates_outside_it() {
+        // As `ebb run window` and the demo build their stages: in async code, then move them
+        // to a blocking thread.
+        let outer = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let a = outer
+            .block_on(async { Aggregator::new() })
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut b = Rows::default();
+        b.push("api", "cpu", None, "a", 1.0, 0, 10_000);
+        let batch = b.finish().unwrap_or_else(|e| panic!("{e}"));
+        let out = std::thread::spawn(move || a.aggregate(batch).map(|o| o.len()))
+            .join()
+            .unwrap_or_else(|_| panic!("the aggregating thread panicked"));
+        assert_eq!(out.unwrap_or_else(|e| panic!("{e}")), 1);
     }
 
     #[test]
