@@ -361,6 +361,45 @@ impl Report {
             } else {
                 "MORE"
             }
-        )
+        )?;
+        if self.ebb_decisions.windows > 0 {
+            writeln!(out, "{}", self.ebb_decisions.sentence())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_decisions_sentence_names_the_share_on_the_forecast_and_why_not_largest_first() {
+        let count = |pairs: &[(&str, u64)]| {
+            pairs
+                .iter()
+                .map(|(k, n)| ((*k).to_string(), *n))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let d = Decisions {
+            windows: 200,
+            basis: count(&[
+                ("forecast", 150),
+                ("warming_up", 10),
+                ("error_too_high", 40),
+            ]),
+            actions: count(&[("forecast", 12), ("reactive", 3)]),
+            limited_by: count(&[("cost_ceiling", 2)]),
+        };
+        assert_eq!(
+            d.sentence(),
+            "ebb's decisions: 150 of 200 windows (75%) rested on the forecast; the reactive rule \
+             stood in for the others (error too high 40, warming up 10). Scale actions by rule: \
+             forecast 12, reactive 3; changed by limits: cost ceiling 2."
+        );
+        assert_eq!(
+            Decisions::default().sentence(),
+            "ebb's decisions: 0 of 0 windows (0%) rested on the forecast."
+        );
     }
 }
