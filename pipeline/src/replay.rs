@@ -595,6 +595,34 @@ mod tests {
     }
 
     #[test]
+    fn on_a_step_no_forecast_saw_coming_ebb_breaks_the_slo_no_longer_than_hpa() {
+        // Two days of a daily cycle, then load triples for an hour: nothing in the history
+        // announces it, so ebb can only meet it as fast as the reactive rule does.
+        let load: Vec<f64> = (0..3 * 1440)
+            .map(|i| {
+                let day = i as f64 * std::f64::consts::TAU / 1440.0;
+                let step = if (2900..2960).contains(&i) {
+                    200.0
+                } else {
+                    0.0
+                };
+                100.0 + 60.0 * day.sin() + 3.0 * (i as f64 * 1.7).sin() + step
+            })
+            .collect();
+        let r = replay(load);
+        let (ebb, hpa) = (&r.policies["ebb"], &r.policies["hpa"]);
+        assert!(
+            hpa.sla_violation_minutes > 0.0,
+            "the step must hurt: {hpa:?}"
+        );
+        assert!(
+            ebb.sla_violation_minutes <= hpa.sla_violation_minutes
+                && r.verdict.no_more_cost_than_hpa,
+            "ebb {ebb:?} hpa {hpa:?}"
+        );
+    }
+
+    #[test]
     fn on_a_daily_cycle_ebb_breaks_the_slo_less_than_hpa_at_no_more_cost() {
         // Three days of a smooth daily cycle with a morning surge: the reactive rule is
         // always a window late on the way up; the forecast is not.

@@ -340,8 +340,12 @@ fn limits(max_replicas: u32) -> ServiceLimits {
 }
 
 #[test]
-fn a_one_window_spike_scales_nothing() {
-    let cfg = ScaleConfig::default();
+fn with_up_stabilization_a_one_window_spike_scales_nothing() {
+    // Off by default (the HPA's 0s); a user who would rather ride out spikes sets it.
+    let cfg = ScaleConfig {
+        up_stabilization: Duration::from_secs(120),
+        ..ScaleConfig::default()
+    };
     let mut state = ScaleState::default();
     let mut actions = Vec::new();
     for m in 1..30 {
@@ -359,6 +363,39 @@ fn a_one_window_spike_scales_nothing() {
         }
     }
     assert!(actions.is_empty(), "{actions:?}");
+}
+
+#[test]
+fn a_sustained_step_is_met_in_the_window_the_hpa_rule_meets_it() {
+    // 250 on 4 replicas of 100, then 1200 for good, which the forecast did not see coming:
+    // 18 replicas at 70%, more than one 100% step from 4.
+    let cfg = ScaleConfig::default();
+    let hpa = cfg.hpa_baseline();
+    let run = |cfg: &ScaleConfig| {
+        let mut state = ScaleState::default();
+        let mut replicas = 4;
+        let mut reached = None;
+        for m in 1..30 {
+            let load = if m < 10 { 250.0 } else { 1200.0 };
+            let forecast = (cfg.cost_ceiling > 0.0).then_some(250.0);
+            if let Some(d) = policy::scale(
+                &mut state,
+                cfg,
+                &limits(50),
+                &obs(T0 + m * MINUTE, load, replicas, forecast),
+            ) {
+                replicas = d.target;
+            }
+            if replicas >= 18 && reached.is_none() {
+                reached = Some(m);
+            }
+        }
+        (reached, replicas)
+    };
+    let (ours, theirs) = (run(&cfg), run(&hpa));
+    assert_eq!(theirs, (Some(10), 18), "the HPA rule, as a reference");
+    assert_eq!(ours.0, theirs.0, "ebb {ours:?}, HPA rule {theirs:?}");
+    assert!(ours.1 >= 18, "{ours:?}");
 }
 
 #[test]
@@ -398,8 +435,10 @@ fn a_sustained_drop_scales_down_only_after_the_stabilization_window() {
 fn steps_and_max_replicas_hold_under_a_forecast_that_goes_wild() {
     // Without the cost ceiling, which would hold the service at the HPA rule's count: the
     // step and replica limits alone must stop the forecast.
+    // One step period per window, so each decision may take one step.
     let cfg = ScaleConfig {
         cost_ceiling: 0.0,
+        step_period: Duration::from_secs(60),
         ..ScaleConfig::default()
     };
     let mut state = ScaleState::default();
