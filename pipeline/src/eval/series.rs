@@ -104,10 +104,41 @@ impl Series {
         }
     }
 
-    /// The median spacing between rows, in milliseconds (at least 1).
+    /// Whether the rows are in time order (equal times allowed).
+    pub fn is_time_ordered(&self) -> bool {
+        self.times.windows(2).all(|w| w[0] <= w[1])
+    }
+
+    /// Puts the rows in time order, rows of equal time as written. Exports are not always
+    /// in order (a merge of several files, a query without ORDER BY), and every reader of a
+    /// series walks it forward in time.
+    pub fn sort_by_time(&mut self) {
+        if self.is_time_ordered() {
+            return;
+        }
+        let mut order: Vec<usize> = (0..self.times.len()).collect();
+        order.sort_by_key(|&i| self.times[i]);
+        self.times = order.iter().map(|&i| self.times[i]).collect();
+        self.values = order.iter().map(|&i| self.values[i]).collect();
+        if self.raw_times.len() == order.len() {
+            self.raw_times = order.iter().map(|&i| self.raw_times[i].clone()).collect();
+        }
+        if self.raw_values.len() == order.len() {
+            self.raw_values = order.iter().map(|&i| self.raw_values[i].clone()).collect();
+        }
+    }
+
+    /// The median spacing between rows in time order, in milliseconds (at least 1).
     pub fn step_ms(&self) -> i64 {
-        let mut d: Vec<i64> = self
-            .times
+        let mut sorted;
+        let times = if self.is_time_ordered() {
+            &self.times
+        } else {
+            sorted = self.times.clone();
+            sorted.sort_unstable();
+            &sorted
+        };
+        let mut d: Vec<i64> = times
             .windows(2)
             .map(|w| w[1] - w[0])
             .filter(|d| *d > 0)
@@ -152,6 +183,11 @@ pub fn read_series(
     };
     if series.len() < 2 {
         return Err(SeriesError::TooShort(path.to_path_buf()));
+    }
+    let mut series = series;
+    // Exact readers repeat the rows as written (NAB's results); the others read a series.
+    if mode == ReadMode::Gaps {
+        series.sort_by_time();
     }
     Ok(series)
 }
@@ -429,6 +465,36 @@ mod tests {
             assert_eq!(s.values, a.values);
         }
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn rows_out_of_time_order_are_read_in_time_order_and_spaced_by_their_times() {
+        let d = dir();
+        let csv = d.join("shuffled.csv");
+        // One-minute rows written out of order, two of them at the same time.
+        std::fs::write(
+            &csv,
+            "ts,rps
+2026-01-05 00:03:00,4
+2026-01-05 00:00:00,1
+2026-01-05 00:02:00,3
+             2026-01-05 00:01:00,2
+2026-01-05 00:04:00,5
+2026-01-05 00:02:00,3.5
+",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let s = read_series(&csv, "ts", "rps", ReadMode::Gaps).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.values, vec![1.0, 2.0, 3.0, 3.5, 4.0, 5.0]);
+        assert!(s.is_time_ordered());
+        assert_eq!(s.step_ms(), 60_000);
+        let exact =
+            read_series(&csv, "ts", "rps", ReadMode::Exact).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            exact.raw_values[0], "4",
+            "exact reads keep the file's order"
+        );
+        assert_eq!(exact.step_ms(), 60_000, "spacing counts in time order");
     }
 
     #[test]
