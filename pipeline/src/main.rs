@@ -204,7 +204,8 @@ enum EvalWhat {
     /// Run the anomaly detectors over a NAB-layout folder and score them with NAB's rules.
     Anomalies {
         /// A folder laid out like NAB's data/: <category>/<file>.csv (timestamp,value) with
-        /// combined_windows.json beside the categories.
+        /// combined_windows.json beside the categories, beside the folder, or in a labels/
+        /// folder beside it (a NAB checkout's root works too).
         #[arg(long, value_name = "DIR")]
         nab: PathBuf,
         /// Also write per-row scores in NAB's results layout under DIR (for NAB's scorer).
@@ -413,10 +414,27 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(dispatch(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ebb: {e:#}");
+            eprintln!("ebb: {}", render_error(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: most of ebb's errors already
+/// name their cause in their own message, and repeating it reads as two failures.
+fn render_error(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 async fn dispatch(cli: Cli) -> Result<()> {

@@ -71,6 +71,21 @@ fn bad_config_fails_at_startup_naming_the_key() {
 }
 
 #[test]
+fn a_missing_input_file_is_named_with_its_cause_said_once() {
+    let missing = std::env::temp_dir().join(format!("ebb-none-{}.csv", rand::random::<u32>()));
+    let out = ebb()
+        .args(["eval", "forecast", "--file"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().last().unwrap_or_default();
+    assert!(line.contains(&missing.display().to_string()), "{err}");
+    assert_eq!(line.matches("No such file").count(), 1, "{err}");
+}
+
+#[test]
 fn kubernetes_actuator_without_a_cluster_fails_at_startup_with_a_clear_error() {
     // No kubeconfig, not in a cluster, no api_server: a clear error and a non-zero exit,
     // before any broker is touched (the port is closed).

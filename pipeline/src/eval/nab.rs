@@ -73,12 +73,38 @@ pub struct NabFile {
     pub windows: Vec<(usize, usize)>,
 }
 
-/// Loads every `<category>/*.csv` under `dir` with its windows from
-/// `dir/combined_windows.json`. A file the labels do not list has no windows (NAB warns and
-/// does the same); a window boundary that is not one of the file's timestamps is an error,
-/// as in NAB.
+/// Where the labels of the data folder `dir` are: `combined_windows.json` among the
+/// category folders, beside `dir`, or in NAB's own `labels/` beside `dir`. A NAB checkout's
+/// root stands for its `data/`.
+fn locate(dir: &Path) -> (PathBuf, PathBuf) {
+    let candidates = |d: &Path| {
+        [
+            d.join("combined_windows.json"),
+            d.join("../combined_windows.json"),
+            d.join("../labels/combined_windows.json"),
+        ]
+    };
+    let data = dir.join("data");
+    let roots: &[&Path] = if data.is_dir() && !dir.join("combined_windows.json").is_file() {
+        &[&data, dir]
+    } else {
+        &[dir]
+    };
+    for root in roots {
+        if let Some(found) = candidates(root).into_iter().find(|p| p.is_file()) {
+            return (root.to_path_buf(), found);
+        }
+    }
+    (dir.to_path_buf(), dir.join("combined_windows.json"))
+}
+
+/// Loads every `<category>/*.csv` under `dir` with its windows from the
+/// `combined_windows.json` that goes with it (see `locate`). A file the labels do not list
+/// has no windows (NAB warns and does the same); a window boundary that is not one of the
+/// file's timestamps is an error, as in NAB.
 pub fn load_corpus(dir: &Path) -> Result<Vec<NabFile>, NabError> {
-    let labels_path = dir.join("combined_windows.json");
+    let (data_dir, labels_path) = locate(dir);
+    let dir = data_dir.as_path();
     let text = std::fs::read_to_string(&labels_path).map_err(|source| NabError::Io {
         path: labels_path.clone(),
         source,
@@ -571,5 +597,30 @@ mod tests {
         // detector is credited for it, as in NAB.
         assert_eq!(c.tally.windows, 1);
         assert_eq!(c.perfect, 2.0);
+    }
+
+    #[test]
+    fn a_nab_checkout_is_read_from_its_root_or_its_data_folder_with_labels_beside() {
+        let root = std::env::temp_dir().join(format!("ebb-nab-{}", rand::random::<u32>()));
+        let cat = root.join("data").join("realThings");
+        std::fs::create_dir_all(&cat).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir_all(root.join("labels")).unwrap_or_else(|e| panic!("{e}"));
+        let mut csv = String::from("timestamp,value\n");
+        for m in 0..10 {
+            csv.push_str(&format!("2026-01-05 00:{m:02}:00,{m}\n"));
+        }
+        std::fs::write(cat.join("a.csv"), csv).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(
+            root.join("labels").join("combined_windows.json"),
+            r#"{"realThings/a.csv": [["2026-01-05 00:03:00.000000", "2026-01-05 00:05:00.000000"]]}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        for dir in [root.clone(), root.join("data")] {
+            let files = load_corpus(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            assert_eq!(files.len(), 1, "{}", dir.display());
+            assert_eq!(files[0].rel, "realThings/a.csv");
+            assert_eq!(files[0].windows, vec![(3, 5)]);
+        }
+        let _ = std::fs::remove_dir_all(&root);
     }
 }
