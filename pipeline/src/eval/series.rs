@@ -221,7 +221,9 @@ fn push_row(
         let column = if time.is_none() { tc } else { vc };
         return Err(bad(format!("{column} is null")));
     };
-    let ms = parse_time(time).ok_or_else(|| bad(format!("{tc} {time:?} is not a timestamp")))?;
+    let ms = ebb_udf_core::time::to_utc(time.trim(), "UTC")
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| bad(format!("{tc}: {e}")))?;
     let x: f64 = value
         .trim()
         .parse()

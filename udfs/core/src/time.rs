@@ -1,10 +1,13 @@
 //! Timestamps as services send them, normalised to UTC.
 //!
-//! Accepted: RFC 3339 with any offset (`T` or a space between date and time), epoch numbers
-//! in seconds, milliseconds, microseconds or nanoseconds (told apart by magnitude), numeric
-//! strings of the same, and naive local date-times, read in a configured time zone.
+//! Accepted: RFC 3339 with any offset (`T` or a space between date and time), the ISO 8601
+//! offsets it leaves out (`+0100`, `+01`), epoch numbers in seconds, milliseconds,
+//! microseconds or nanoseconds (told apart by magnitude), numeric strings of the same, and
+//! naive local date-times or dates (`YYYY-MM-DD`, `YYYY/MM/DD`, `DD.MM.YYYY`), read in a
+//! configured time zone unless they end in `UTC`. Month-first dates (`01/02/2024`) are
+//! refused: nothing in one cell says which of day and month comes first.
 
-use chrono::{DateTime, LocalResult, NaiveDateTime, TimeZone, Utc};
+use chrono::{DateTime, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
 use chrono_tz::Tz;
 
 /// A timestamp as it arrived: text or a number.
@@ -62,7 +65,10 @@ impl EpochUnit {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TimeError {
     /// Not RFC 3339, not a naive date-time, not a number.
-    #[error("unrecognised timestamp {0:?}")]
+    #[error(
+        "unrecognised timestamp {0:?} (read: RFC 3339 or ISO 8601 date-times, YYYY-MM-DD or \
+         YYYY/MM/DD with an optional time, DD.MM.YYYY, epoch s/ms/us/ns)"
+    )]
     Unrecognised(String),
     /// A number, but not a finite one, or beyond what a date can hold.
     #[error("timestamp {0} is out of the representable range")]
@@ -147,12 +153,70 @@ fn looks_numeric(s: &str) -> bool {
         && body.as_bytes()[0].is_ascii_digit()
 }
 
+/// Naive date-times, after `normalise`: read in the configured zone, or in UTC when the text
+/// names it.
 const NAIVE_FORMATS: &[&str] = &[
     "%Y-%m-%dT%H:%M:%S%.f",
-    "%Y-%m-%d %H:%M:%S%.f",
     "%Y-%m-%dT%H:%M",
-    "%Y-%m-%d %H:%M",
+    // Day first, as the dotted form always is.
+    "%d.%m.%Y %H:%M:%S%.f",
+    "%d.%m.%Y %H:%M",
 ];
+
+/// ISO 8601 forms RFC 3339 leaves out, after `normalise`: offsets without a colon or
+/// without minutes (`+0100`, `+01`, as `strftime`'s `%z` writes them), a space before the
+/// offset, no seconds.
+const OFFSET_FORMATS: &[&str] = &[
+    "%Y-%m-%dT%H:%M:%S%.f%#z",
+    "%Y-%m-%dT%H:%M:%S%.f %#z",
+    "%Y-%m-%dT%H:%M%#z",
+    "%Y-%m-%dT%H:%M %#z",
+];
+
+/// Suffixes that name UTC in words, as database exports write it (`2024-01-01 00:00:00 UTC`).
+const UTC_SUFFIXES: &[&str] = &[" utc", " gmt", " z"];
+
+/// `YYYY/MM/DD` as `YYYY-MM-DD`, and a space between date and time as `T`, so each form
+/// needs one pattern.
+fn normalise(s: &str) -> std::borrow::Cow<'_, str> {
+    let b = s.as_bytes();
+    let slashed = b.len() >= 10 && b[4] == b'/' && b[7] == b'/';
+    // Bytes 4, 7 and 10 are ASCII here, so the ranges replaced below are whole characters.
+    let iso_date = b.len() >= 10 && matches!((b[4], b[7]), (b'-', b'-') | (b'/', b'/'));
+    let spaced = iso_date && b.len() > 10 && b[10] == b' ';
+    if !slashed && !spaced {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = s.to_string();
+    if slashed {
+        out.replace_range(4..5, "-");
+        out.replace_range(7..8, "-");
+    }
+    if spaced {
+        out.replace_range(10..11, "T");
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+fn parse_naive(s: &str, zone: Tz) -> Option<Result<DateTime<Utc>, TimeError>> {
+    let naive = NAIVE_FORMATS
+        .iter()
+        .find_map(|fmt| NaiveDateTime::parse_from_str(s, fmt).ok())
+        .or_else(|| {
+            ["%Y-%m-%d", "%d.%m.%Y"]
+                .iter()
+                .find_map(|fmt| NaiveDate::parse_from_str(s, fmt).ok())
+                .map(|d| d.and_time(NaiveTime::MIN))
+        })?;
+    Some(match zone.from_local_datetime(&naive) {
+        LocalResult::Single(dt) => Ok(dt.with_timezone(&Utc)),
+        LocalResult::Ambiguous(earliest, _) => Ok(earliest.with_timezone(&Utc)),
+        LocalResult::None => Err(TimeError::NonexistentLocalTime {
+            time: s.to_string(),
+            zone: zone.name().to_string(),
+        }),
+    })
+}
 
 fn parse_text(raw: &str, zone: Tz) -> Result<DateTime<Utc>, TimeError> {
     let s = raw.trim();
@@ -166,31 +230,28 @@ fn parse_text(raw: &str, zone: Tz) -> Result<DateTime<Utc>, TimeError> {
         if let Ok(f) = s.parse::<f64>() {
             return from_epoch_float(f);
         }
-        return Err(TimeError::Unrecognised(raw.to_string()));
+        // Not a number after all (`01.03.2024`): read on as a date.
     }
     if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
         return Ok(dt.with_timezone(&Utc));
     }
-    // RFC 3339 allows a space for the `T`; chrono's strict parser does not.
-    if s.len() > 10 && s.as_bytes()[10] == b' ' {
-        let with_t = format!("{}T{}", &s[..10], &s[11..]);
-        if let Ok(dt) = DateTime::parse_from_rfc3339(&with_t) {
+    let s = normalise(s);
+    let s = s.as_ref();
+    if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
+        return Ok(dt.with_timezone(&Utc));
+    }
+    for fmt in OFFSET_FORMATS {
+        if let Ok(dt) = DateTime::parse_from_str(s, fmt) {
             return Ok(dt.with_timezone(&Utc));
         }
     }
-    for fmt in NAIVE_FORMATS {
-        if let Ok(naive) = NaiveDateTime::parse_from_str(s, fmt) {
-            return match zone.from_local_datetime(&naive) {
-                LocalResult::Single(dt) => Ok(dt.with_timezone(&Utc)),
-                LocalResult::Ambiguous(earliest, _) => Ok(earliest.with_timezone(&Utc)),
-                LocalResult::None => Err(TimeError::NonexistentLocalTime {
-                    time: s.to_string(),
-                    zone: zone.name().to_string(),
-                }),
-            };
+    let lower = s.to_ascii_lowercase();
+    if let Some(suffix) = UTC_SUFFIXES.iter().find(|x| lower.ends_with(*x)) {
+        if let Some(parsed) = parse_naive(s[..s.len() - suffix.len()].trim_end(), Tz::UTC) {
+            return parsed;
         }
     }
-    Err(TimeError::Unrecognised(raw.to_string()))
+    parse_naive(s, zone).unwrap_or_else(|| Err(TimeError::Unrecognised(raw.to_string())))
 }
 
 #[cfg(test)]
@@ -231,6 +292,41 @@ mod tests {
         assert_eq!(
             parse(TimestampInput::Text(" 2024-03-01t10:00:00z ")),
             Ok(want)
+        );
+    }
+
+    #[test]
+    fn iso_8601_forms_and_dates_that_exports_write_are_read() {
+        let berlin: Tz = "Europe/Berlin".parse().unwrap_or(Tz::UTC);
+        let at = |s: &str| parse_timestamp(&TimestampInput::Text(s), berlin);
+        let want = utc("2024-03-01T10:00:00Z");
+        for text in [
+            "2024-03-01T11:00:00+0100",
+            "2024-03-01T11:00:00.000+01",
+            "2024-03-01 11:00:00 +0100",
+            "2024-03-01T11:00+01:00",
+            "2024/03/01 11:00:00+01:00",
+            "2024-03-01 10:00:00 UTC",
+            "2024/03/01 10:00:00 gmt",
+        ] {
+            assert_eq!(at(text), Ok(want), "{text}");
+        }
+        // No zone in the text: the configured one (Berlin is UTC+1 in March).
+        for text in [
+            "2024/03/01 11:00:00",
+            "01.03.2024 11:00",
+            "01.03.2024 11:00:00.0",
+        ] {
+            assert_eq!(at(text), Ok(want), "{text}");
+        }
+        assert_eq!(at("2024-03-01"), Ok(utc("2024-02-29T23:00:00Z")));
+        assert_eq!(at("01.03.2024"), Ok(utc("2024-02-29T23:00:00Z")));
+        // Which of day and month comes first, one cell cannot tell.
+        let us = at("03/01/2024 11:00");
+        assert!(
+            us.as_ref()
+                .is_err_and(|e| e.to_string().contains("YYYY-MM-DD")),
+            "{us:?}"
         );
     }
 
