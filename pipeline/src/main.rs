@@ -777,6 +777,12 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     e.interval_coverage
                 );
             }
+            if score.horizons.iter().any(|e| e.n == 0) {
+                println!(
+                    "  a forecast is scored only when its target and the same time a day before it are both rows: \
+                     horizons with n = 0 had none, so their figures are undefined (null in --json)"
+                );
+            }
             if json {
                 println!("{}", serde_json::to_string(&forecast_json(&score))?);
             }

@@ -26,7 +26,8 @@ pub struct HorizonError {
     pub mae_last: f64,
     /// MAE of the same-time-yesterday forecast.
     pub mae_yesterday: f64,
-    /// 1 - mae / mae_last: above zero means ebb is better.
+    /// 1 - mae / mae_last: above zero means ebb is better. NaN (null) when nothing was
+    /// scored or the last value was never wrong; so are the MAEs when `n` is 0.
     pub skill_vs_last: f64,
     /// 1 - mae / mae_yesterday.
     pub skill_vs_yesterday: f64,
@@ -121,13 +122,22 @@ pub fn evaluate(series: &Series, cfg: &ForecastConfig) -> ForecastScore {
             }
         }
     }
-    let skill = |mae: f64, base: f64| if base > 0.0 { 1.0 - mae / base } else { 0.0 };
+    // Undefined figures are NaN (null in JSON), never a 0 that reads as "as good as naive":
+    // no target scored (a series shorter than a day and the horizon), or a naive forecast
+    // that was never wrong (a constant series).
+    let skill = |mae: f64, base: f64| {
+        if base > 0.0 {
+            1.0 - mae / base
+        } else {
+            f64::NAN
+        }
+    };
     let horizons = labels
         .into_iter()
         .zip(&stepped.horizons)
         .zip(acc)
         .map(|((label, h), a)| {
-            let n = a.n.max(1) as f64;
+            let n = if a.n > 0 { a.n as f64 } else { f64::NAN };
             let (mae, last, yesterday) = (a.abs / n, a.last / n, a.yesterday / n);
             HorizonError {
                 horizon: label,
@@ -152,5 +162,36 @@ pub fn evaluate(series: &Series, cfg: &ForecastConfig) -> ForecastScore {
         missing_values: series.missing,
         step_seconds: step as f64 / 1000.0,
         horizons,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn daily(minutes: usize) -> Series {
+        Series::synthetic(
+            (0..minutes)
+                .map(|i| 100.0 + 40.0 * (i as f64 * std::f64::consts::TAU / 1440.0).sin())
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_series_shorter_than_a_day_scores_nothing_and_claims_no_skill() {
+        let score = evaluate(&daily(600), &ForecastConfig::default());
+        assert!(!score.horizons.is_empty());
+        for h in &score.horizons {
+            assert_eq!(h.n, 0, "{h:?}");
+            assert!(
+                h.skill_vs_last.is_nan() && h.skill_vs_yesterday.is_nan(),
+                "{h:?}"
+            );
+            assert!(h.mae.is_nan(), "{h:?}");
+        }
+        let three_days = evaluate(&daily(3 * 1440), &ForecastConfig::default());
+        for h in &three_days.horizons {
+            assert!(h.n > 0 && h.skill_vs_last.is_finite(), "{h:?}");
+        }
     }
 }
