@@ -175,6 +175,7 @@ pub fn read_series(
         time: time_column,
         value: value_column,
         mode,
+        decimal_comma: false,
     };
     let series = match ext.as_str() {
         "jsonl" | "ndjson" => read_jsonl(path, columns)?,
@@ -198,6 +199,41 @@ struct Columns<'a> {
     time: &'a str,
     value: &'a str,
     mode: ReadMode,
+    /// Values may write their decimals after a comma (`12,5`), as files delimited by
+    /// semicolons do where the comma is the decimal mark.
+    decimal_comma: bool,
+}
+
+/// A finite number; with `decimal_comma`, `12,5` is 12.5 too.
+fn parse_value(cell: &str, decimal_comma: bool) -> Option<f64> {
+    let x = match cell.parse::<f64>() {
+        Ok(x) => x,
+        Err(_) if decimal_comma && cell.matches(',').count() == 1 && !cell.contains('.') => {
+            cell.replacen(',', ".", 1).parse::<f64>().ok()?
+        }
+        Err(_) => return None,
+    };
+    x.is_finite().then_some(x)
+}
+
+/// The delimiter of a delimited text file, from its header line: the one of `,` `;` tab
+/// `|` that splits it most (a comma on a tie or when none does). Spreadsheets in much of
+/// Europe write `;`, and `.tsv` exports tabs.
+fn sniff_delimiter(path: &Path) -> u8 {
+    use std::io::{BufRead, Read};
+    let Ok(file) = std::fs::File::open(path) else {
+        return b',';
+    };
+    let mut header = Vec::new();
+    let mut reader = std::io::BufReader::new(file).take(64 * 1024);
+    if reader.read_until(b'\n', &mut header).is_err() {
+        return b',';
+    }
+    [b',', b';', b'\t', b'|']
+        .into_iter()
+        .map(|d| (header.iter().filter(|&&b| b == d).count(), d))
+        .fold((0, b','), |best, c| if c.0 > best.0 { c } else { best })
+        .1
 }
 
 /// Adds one row, checking both cells; `line` and `bad` name the row in an error. `None`
@@ -224,11 +260,7 @@ fn push_row(
     let ms = ebb_udf_core::time::to_utc(time.trim(), "UTC")
         .map(|t| t.timestamp_millis())
         .map_err(|e| bad(format!("{tc}: {e}")))?;
-    let x: f64 = value
-        .trim()
-        .parse()
-        .ok()
-        .filter(|x: &f64| x.is_finite())
+    let x: f64 = parse_value(value.trim(), columns.decimal_comma)
         .ok_or_else(|| bad(format!("{vc} {value:?} is not a finite number")))?;
     series.times.push(ms);
     series.values.push(x);
@@ -356,8 +388,14 @@ fn read_csv(path: &Path, columns: Columns<'_>) -> Result<Series, SeriesError> {
         path: path.to_path_buf(),
         source,
     };
+    let delimiter = sniff_delimiter(path);
+    let columns = Columns {
+        decimal_comma: delimiter != b',',
+        ..columns
+    };
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
+        .delimiter(delimiter)
         .from_path(path)
         .map_err(io)?;
     let header = reader.headers().map_err(io)?.clone();
@@ -467,6 +505,30 @@ mod tests {
             assert_eq!(s.values, a.values);
         }
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn semicolon_and_tab_delimited_files_are_read_with_their_decimal_commas() {
+        let d = dir();
+        let semi = d.join("excel.csv");
+        std::fs::write(
+            &semi,
+            "\u{feff}ts;rps\n2026-01-05 00:00:00;1,5\n2026-01-05 00:01:00;2\n2026-01-05 00:02:00;1e3\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let s = read_series(&semi, "ts", "rps", ReadMode::Gaps).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.values, vec![1.5, 2.0, 1000.0]);
+        let tsv = d.join("export.tsv");
+        std::fs::write(&tsv, "ts\trps\n1767571200\t1.5\n1767571260\t2.5\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let s = read_series(&tsv, "ts", "rps", ReadMode::Gaps).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.values, vec![1.5, 2.5]);
+        // In a comma-delimited file a comma is never a decimal mark.
+        let comma = d.join("plain.csv");
+        std::fs::write(&comma, "ts,rps\n1767571200,\"1,5\"\n1767571260,2\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let e = read_series(&comma, "ts", "rps", ReadMode::Gaps).map(|_| ());
+        assert!(e.is_err_and(|e| e.to_string().contains(":2:")));
     }
 
     #[test]
