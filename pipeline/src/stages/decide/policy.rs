@@ -325,16 +325,19 @@ pub fn scale(
     let (policy, desired, planned_load, fallback) = match (&obs.forecast, problem, capacity) {
         (Some(f), None, Some(c)) => {
             let ahead = f.value + headroom * (f.upper - f.value).max(0.0);
-            // The load already here is evidence too: when it is above the forecast's
-            // interval, the forecast (made a window ago) missed a surge and must not hold the
-            // service below what it carries now. Inside the interval the forecast leads, on
+            // The load already here is evidence too. Above the forecast's interval, the
+            // forecast missed a surge; above what the fleet carries within the tolerance, the
+            // service is overloaded now, whatever the forecast expects next. Either way the
+            // forecast must not hold the service below what it carries now: the HPA would
+            // scale for it, and noise on a smooth cycle breaks the SLO window after window
+            // while a forecast of the mean calls it passing. Otherwise the forecast leads, on
             // the way down as on the way up.
+            let fleet = f64::from(current) * c * target_u;
             let planned = match obs.load.filter(|l| l.is_finite()) {
-                Some(l) if l > f.upper => ahead.max(l),
+                Some(l) if l > f.upper || l / fleet > 1.0 + cfg.tolerance => ahead.max(l),
                 _ => ahead,
             };
-            let ratio = planned / (f64::from(current) * c * target_u);
-            let desired = if within_tolerance(ratio) {
+            let desired = if within_tolerance(planned / fleet) {
                 current
             } else {
                 ceil_replicas(planned / (c * target_u))

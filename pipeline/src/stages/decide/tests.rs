@@ -366,6 +366,44 @@ fn with_up_stabilization_a_one_window_spike_scales_nothing() {
 }
 
 #[test]
+fn an_overload_now_is_scaled_for_even_when_the_forecast_calls_it_passing() {
+    // 4 replicas of 100 at a 70% target carry 280; 320 is 80% of what they can serve, over
+    // the tolerance, while the forecast (300, up to 330: the load is inside its interval)
+    // plans for 303, which the fleet carries within the tolerance.
+    let cfg = ScaleConfig::default();
+    let mut state = ScaleState::default();
+    for m in 1..10 {
+        let _ = policy::scale(
+            &mut state,
+            &cfg,
+            &limits(50),
+            &obs(T0 + m * MINUTE, 250.0, 4, Some(250.0)),
+        );
+    }
+    let d = policy::scale(
+        &mut state,
+        &cfg,
+        &limits(50),
+        &obs(T0 + 10 * MINUTE, 320.0, 4, Some(300.0)),
+    );
+    let d = d.unwrap_or_else(|| panic!("an overloaded service was left as it was"));
+    assert_eq!((d.from, d.target), (4, 5), "{}", d.reason);
+    assert_eq!(d.planned_load, Some(320.0), "{}", d.reason);
+    // Within the tolerance the forecast still leads: 300 is 75% of the fleet.
+    let mut state = ScaleState::default();
+    for m in 1..11 {
+        let load = if m == 10 { 300.0 } else { 250.0 };
+        let d = policy::scale(
+            &mut state,
+            &cfg,
+            &limits(50),
+            &obs(T0 + m * MINUTE, load, 4, Some(250.0)),
+        );
+        assert!(d.is_none(), "{d:?}");
+    }
+}
+
+#[test]
 fn a_sustained_step_is_met_in_the_window_the_hpa_rule_meets_it() {
     // 250 on 4 replicas of 100, then 1200 for good, which the forecast did not see coming:
     // 18 replicas at 70%, more than one 100% step from 4.
