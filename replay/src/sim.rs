@@ -182,6 +182,9 @@ impl Cluster {
             violated,
         };
         self.steps.push(step);
+        // Replicas whose start-up ends with the step are ready when a policy looks at its end
+        // (the step's own record keeps the replicas that served it).
+        self.ready_by(end_ms);
         step
     }
 
@@ -256,6 +259,17 @@ mod tests {
         assert_eq!(s.ready, 4);
         assert!((c.totals().replica_minutes - 4.0).abs() < 1e-9);
         assert_eq!(c.totals().scale_actions, 1);
+    }
+
+    #[test]
+    fn replicas_whose_startup_ends_with_the_step_count_as_ready_at_its_end() {
+        // Asked for at 0, ready at 60 s: a policy deciding at the end of the step from 0 to
+        // 60 s sees them, as the HPA sees pods that turned ready by its next sync.
+        let mut c = Cluster::new(model(), 2);
+        c.scale(0, 4);
+        let s = c.step(0, 60.0, 15.0);
+        assert_eq!(c.ready(), 4, "{s:?}");
+        assert_eq!(s.ready, 2, "the step itself was served by two: {s:?}");
     }
 
     #[test]
