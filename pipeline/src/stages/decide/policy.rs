@@ -211,22 +211,22 @@ pub fn forecast_basis(cfg: &ScaleConfig, obs: &Observation, capacity: Option<f64
     match (&obs.forecast, forecast_problem(cfg, obs, capacity)) {
         (None, _) => "no_forecast",
         (Some(_), None) => "forecast",
-        (Some(_), Some((kind, _, _))) => kind,
+        (Some(_), Some((kind, _))) => kind,
     }
 }
 
 /// Why a forecast cannot be trusted for this decision (a kind and a sentence); `None` when
 /// it can.
-fn forecast_problem<'a>(
+fn forecast_problem(
     cfg: &ScaleConfig,
-    obs: &'a Observation,
+    obs: &Observation,
     capacity: Option<f64>,
-) -> Option<(&'static str, String, &'a ForecastView)> {
+) -> Option<(&'static str, String)> {
     let Some(f) = &obs.forecast else {
         return None;
     };
     let stale_ms = i64::try_from(cfg.forecast_staleness.as_millis()).unwrap_or(i64::MAX);
-    let why = if !f.ready {
+    if !f.ready {
         Some(match f.status.as_str() {
             "" | "warming_up" => ("warming_up", "forecast warming up".to_string()),
             "model_reset" => (
@@ -265,8 +265,7 @@ fn forecast_problem<'a>(
             )),
             _ => None,
         }
-    };
-    why.map(|(kind, w)| (kind, w, f))
+    }
 }
 
 /// Decides whether a service should scale after one window. Updates `state` (learned
@@ -345,7 +344,7 @@ pub fn scale(
             (ScalePolicy::Forecast, desired, Some(planned), None)
         }
         (_, problem, _) => {
-            let why = problem.map_or_else(|| "no forecast".to_string(), |(_, w, _)| w);
+            let why = problem.map_or_else(|| "no forecast".to_string(), |(_, w)| w);
             let u = utilization?;
             let ratio = u / target_u;
             let desired = if within_tolerance(ratio) {
