@@ -451,8 +451,8 @@ pub fn nab_labels(file: &Path) -> Vec<(i64, i64)> {
             .map(|ws| {
                 ws.iter()
                     .filter_map(|w| {
-                        let a = crate::eval::series::parse_time(w.first()?)?;
-                        let b = crate::eval::series::parse_time(w.get(1)?)?;
+                        let a = crate::eval::series::parse_time(w.first()?).ok()?;
+                        let b = crate::eval::series::parse_time(w.get(1)?).ok()?;
                         Some((a, b))
                     })
                     .collect()

@@ -150,7 +150,7 @@ pub fn load_corpus(dir: &Path) -> Result<Vec<NabFile>, NabError> {
                     });
                 };
                 let find = |t: &str| -> Result<usize, NabError> {
-                    let ms = super::series::parse_time(t).ok_or_else(|| NabError::Labels {
+                    let ms = super::series::parse_time(t).map_err(|_| NabError::Labels {
                         path: labels_path.clone(),
                         why: format!("{rel}: window bound {t:?} is not a timestamp"),
                     })?;

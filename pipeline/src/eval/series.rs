@@ -152,10 +152,8 @@ impl Series {
 }
 
 /// Parses a timestamp as NAB and most exports write it (naive times are UTC), to epoch ms.
-pub fn parse_time(text: &str) -> Option<i64> {
-    ebb_udf_core::time::to_utc(text.trim(), "UTC")
-        .ok()
-        .map(|t| t.timestamp_millis())
+pub fn parse_time(text: &str) -> Result<i64, ebb_udf_core::TimeError> {
+    ebb_udf_core::time::to_utc(text.trim(), "UTC").map(|t| t.timestamp_millis())
 }
 
 /// Reads `time_column` and `value_column` of the file at `path` (CSV, or JSON lines or
@@ -257,9 +255,7 @@ fn push_row(
         let column = if time.is_none() { tc } else { vc };
         return Err(bad(format!("{column} is null")));
     };
-    let ms = ebb_udf_core::time::to_utc(time.trim(), "UTC")
-        .map(|t| t.timestamp_millis())
-        .map_err(|e| bad(format!("{tc}: {e}")))?;
+    let ms = parse_time(time).map_err(|e| bad(format!("{tc}: {e}")))?;
     let x: f64 = parse_value(value.trim(), columns.decimal_comma)
         .ok_or_else(|| bad(format!("{vc} {value:?} is not a finite number")))?;
     series.times.push(ms);
@@ -538,14 +534,8 @@ mod tests {
         // One-minute rows written out of order, two of them at the same time.
         std::fs::write(
             &csv,
-            "ts,rps
-2026-01-05 00:03:00,4
-2026-01-05 00:00:00,1
-2026-01-05 00:02:00,3
-             2026-01-05 00:01:00,2
-2026-01-05 00:04:00,5
-2026-01-05 00:02:00,3.5
-",
+            "ts,rps\n2026-01-05 00:03:00,4\n2026-01-05 00:00:00,1\n2026-01-05 00:02:00,3\n\
+             2026-01-05 00:01:00,2\n2026-01-05 00:04:00,5\n2026-01-05 00:02:00,3.5\n",
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let s = read_series(&csv, "ts", "rps", ReadMode::Gaps).unwrap_or_else(|e| panic!("{e}"));

@@ -232,9 +232,8 @@ fn parse_text(raw: &str, zone: Tz) -> Result<DateTime<Utc>, TimeError> {
         }
         // Not a number after all (`01.03.2024`): read on as a date.
     }
-    if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
-        return Ok(dt.with_timezone(&Utc));
-    }
+    // RFC 3339 allows a space for the `T`; chrono's strict parser does not, hence the
+    // normalising first.
     let s = normalise(s);
     let s = s.as_ref();
     if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
