@@ -275,10 +275,20 @@ impl Rls {
                 *n = (p - k * pxj) / lambda;
             }
         }
+        // Round-off makes P drift from symmetric, and an asymmetric P soon stops being
+        // positive definite: the gain then points the wrong way and the weights run off.
+        for i in 0..INPUTS {
+            for j in 0..i {
+                let m = 0.5 * (next.p[i][j] + next.p[j][i]);
+                next.p[i][j] = m;
+                next.p[j][i] = m;
+            }
+        }
         // A numerically broken update is dropped rather than kept: the model must never
         // turn into NaN because one window was strange.
         let sane = next.w.iter().all(|w| w.is_finite() && w.abs() < 1e6)
-            && next.p.iter().flatten().all(|p| p.is_finite());
+            && next.p.iter().flatten().all(|p| p.is_finite())
+            && (0..INPUTS).all(|i| next.p[i][i] > 0.0);
         if !sane {
             *self = Rls::new();
             return true;
@@ -655,6 +665,36 @@ mod tests {
         assert!(f.horizons[0].rls.w.iter().all(|w| *w == 0.0));
         f.update(61 * 60_000, 102.0, &cfg);
         assert_eq!(f.status(), "ok", "said once");
+    }
+
+    #[test]
+    fn months_of_a_smooth_daily_cycle_never_break_the_regression_down() {
+        use rand::{Rng, SeedableRng};
+        // Per-minute windows of a per-second service: a smooth cycle with little noise
+        // excites the inputs unevenly for months. Round-off once drove P indefinite here
+        // (36 resets in these 120 days), each one a forecast the decide stage could not use.
+        let cfg = ForecastConfig::default();
+        let mut f = Forecaster::new(&cfg);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut resets = 0;
+        for i in 0..120 * 1440_i64 {
+            let day = (i % 1440) as f64 / 1440.0;
+            let y =
+                100.0 + 60.0 * (std::f64::consts::TAU * day).sin() + rng.random_range(-0.5..0.5);
+            f.update(i * 60_000, y, &cfg);
+            if f.status() == "model_reset" {
+                resets += 1;
+            }
+        }
+        assert_eq!(resets, 0);
+        for h in &f.horizons {
+            for i in 0..INPUTS {
+                assert!(h.rls.p[i][i] > 0.0, "{:?}", h.rls.p);
+                for j in 0..i {
+                    assert_eq!(h.rls.p[i][j], h.rls.p[j][i]);
+                }
+            }
+        }
     }
 
     #[test]
