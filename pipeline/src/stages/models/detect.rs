@@ -331,6 +331,15 @@ impl AnomalyModel {
         names: &[&str],
         cfg: &DetectorConfig,
     ) -> Verdict {
+        on_this_thread(|| self.update_inline(values, names, cfg))
+    }
+
+    fn update_inline(
+        &mut self,
+        values: &[Option<f64>],
+        names: &[&str],
+        cfg: &DetectorConfig,
+    ) -> Verdict {
         let features = self.features(values, cfg);
         self.seen += 1;
         let warm = self.seen > cfg.warmup as u64;
@@ -539,6 +548,27 @@ impl AnomalyModel {
             0.0
         }
     }
+}
+
+thread_local! {
+    /// A rayon pool whose only worker is this thread. linfa's k-means and DBSCAN hand every
+    /// fit to rayon; from a thread outside a pool that is a wake-up and a wait on the global
+    /// pool for a service's few hundred points, and its idle workers spin on the other
+    /// cores. From a worker of a one-thread pool the same calls run inline.
+    static INLINE_POOL: Option<rayon::ThreadPool> = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .use_current_thread()
+        .thread_name(|_| "ebb-models".to_string())
+        .build()
+        .ok();
+}
+
+/// Runs `f` with this thread made, once, the worker of its own one-thread rayon pool: rayon
+/// then runs parallel calls made on this thread inline (if that pool could not be made, e.g.
+/// on a thread already in another pool, they go where they went before).
+fn on_this_thread<R>(f: impl FnOnce() -> R) -> R {
+    INLINE_POOL.with(|_| ());
+    f()
 }
 
 /// The `q` quantile (linear interpolation) of `values`; `None` when empty.

@@ -687,3 +687,27 @@ fn a_service_model_state_stays_under_16_kib_through_a_day_with_faults() {
     // Counted for real: a warmed model is several kilobytes, not an empty shell.
     assert!(peak > 8 * 1024, "{peak} bytes");
 }
+
+#[test]
+fn the_detectors_fit_on_the_thread_that_updates_them() {
+    use rayon::prelude::*;
+    // linfa's fits are rayon calls; from a thread outside any pool each would be handed to
+    // the global pool and waited for. After one update this thread is its own pool's only
+    // worker, so they, and any other rayon call made here, run right here.
+    let joined = std::thread::spawn(|| {
+        let cfg = DetectorConfig::default();
+        let (_, _) = warmed(3, cfg.warmup + 50, &cfg);
+        let me = std::thread::current().id();
+        let ran_on: Vec<_> = (0..256)
+            .into_par_iter()
+            .map(|_| std::thread::current().id())
+            .collect();
+        (
+            rayon::current_thread_index(),
+            rayon::current_num_threads(),
+            ran_on.iter().all(|t| *t == me),
+        )
+    })
+    .join();
+    assert!(matches!(joined, Ok((Some(0), 1, true))), "{joined:?}");
+}
