@@ -571,6 +571,13 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     report.input.missing_values
                 )?;
             }
+            if let Some(at) = &report.input.first_negative_at {
+                writeln!(
+                    stdout,
+                    "{} rows held a negative request rate (the first at {at}): replayed as zero",
+                    report.input.negative_values
+                )?;
+            }
             report.summary(&mut stdout)?;
             if json {
                 writeln!(stdout, "{}", serde_json::to_string(&report)?)?;

@@ -126,14 +126,15 @@ pub struct FileJob {
     pub report: PathBuf,
 }
 
-/// Windows of a series: (start ms, mean value), one per window with samples, in order.
+/// Windows of a series: (start ms, mean value), one per window with samples, in order. A
+/// negative value is a request rate of zero.
 fn windows(series: &Series, window_ms: i64) -> Vec<(i64, f64)> {
     let mut out: Vec<(i64, f64, u32)> = Vec::new();
     let mut rows: Vec<(i64, f64)> = series
         .times
         .iter()
         .copied()
-        .zip(series.values.iter().copied())
+        .zip(series.values.iter().map(|v| v.max(0.0)))
         .collect();
     // Files are usually in time order; a stable sort keeps equal times as written.
     rows.sort_by_key(|r| r.0);
@@ -368,9 +369,18 @@ pub fn replay_series(
     let verdict = Verdict::of(&policies["ebb"], &policies["hpa"]);
     let anomalies = (!labels.is_empty()).then(|| score_anomalies(config, series, labels));
     let minutes = runs.first().map_or(0.0, |(_, c)| c.totals().minutes);
+    let negative = || {
+        series
+            .times
+            .iter()
+            .zip(&series.values)
+            .filter(|(_, v)| **v < 0.0)
+    };
     let report = Report {
         input: InputInfo {
             minutes: (minutes * 1000.0).round() / 1000.0,
+            negative_values: negative().count() as u64,
+            first_negative_at: negative().next().map(|(t, _)| ms_to_rfc3339(*t)),
             ..input
         },
         cluster: model,
@@ -487,6 +497,9 @@ pub fn replay_file(
         rows: series.len(),
         missing_values: series.missing,
         first_missing_line: series.first_missing,
+        // Counted by replay_series, which reads them as zero.
+        negative_values: 0,
+        first_negative_at: None,
         step_seconds: step_ms as f64 / 1000.0,
         from: series
             .times
@@ -553,6 +566,32 @@ mod tests {
             ..InputInfo::default()
         };
         replay_series(&Config::default(), &series, input, "ebb.toml", &[]).report
+    }
+
+    #[test]
+    fn negative_request_rates_are_counted_and_replayed_as_zero() {
+        let rate =
+            |i: usize| 40.0 + 30.0 * ((i % 180) as f64 / 180.0 * std::f64::consts::TAU).sin();
+        let with: Vec<f64> = (0..2000)
+            .map(|i| if i % 50 == 7 { -25.0 } else { rate(i) })
+            .collect();
+        let zeros: Vec<f64> = with.iter().map(|v| v.max(0.0)).collect();
+        let (a, b) = (replay(with), replay(zeros));
+        assert_eq!(a.policies, b.policies);
+        assert_eq!(a.input.negative_values, 40);
+        assert_eq!(
+            a.input.first_negative_at.as_deref(),
+            Some("1970-01-01T00:07:00.000Z")
+        );
+        assert_eq!(
+            (b.input.negative_values, b.input.first_negative_at),
+            (0, None)
+        );
+        assert!(a
+            .markdown()
+            .contains("40 rows held a negative request rate"));
+        let json = serde_json::to_value(&a).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(json["input"]["negative_values"], 40);
     }
 
     #[test]

@@ -104,6 +104,13 @@ pub struct InputInfo {
     /// The line of the first of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_missing_line: Option<u64>,
+    /// Rows whose request rate was below zero: replayed as zero (no load), by every policy
+    /// and the simulator alike.
+    #[serde(default)]
+    pub negative_values: u64,
+    /// The time of the first of them (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_negative_at: Option<String>,
     /// Median sampling step, seconds.
     pub step_seconds: f64,
     /// First and last time (RFC 3339).
@@ -298,6 +305,12 @@ impl Report {
             md.push_str(&format!(
                 "{} rows held no value (an empty, `NaN` or `null` cell, the first on line {line}) and were skipped as gaps in the series.\n\n",
                 i.missing_values
+            ));
+        }
+        if let Some(at) = &i.first_negative_at {
+            md.push_str(&format!(
+                "{} rows held a negative request rate (the first at {at}) and were replayed as zero: a rate cannot be negative, so the column may not be the one meant.\n\n",
+                i.negative_values
             ));
         }
         md.push_str(&format!(
