@@ -551,14 +551,15 @@ impl AnomalyModel {
 }
 
 thread_local! {
-    /// A rayon pool whose only worker is this thread. linfa's k-means and DBSCAN hand every
-    /// fit to rayon; from a thread outside a pool that is a wake-up and a wait on the global
-    /// pool for a service's few hundred points, and its idle workers spin on the other
-    /// cores. From a worker of a one-thread pool the same calls run inline.
+    /// A rayon pool whose only worker is this thread (it spawns none). linfa's k-means and
+    /// DBSCAN hand every fit to rayon; from a thread outside a pool that is a wake-up and a
+    /// wait on the global pool for a service's few hundred points, and its idle workers spin
+    /// on the other cores. From a worker of a one-thread pool the same calls run inline.
+    /// rayon keeps such a pool's small registry until the process ends: one per thread that
+    /// ever updates a detector, and those are few and long-lived (a stage's, a replay's).
     static INLINE_POOL: Option<rayon::ThreadPool> = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .use_current_thread()
-        .thread_name(|_| "ebb-models".to_string())
         .build()
         .ok();
 }
