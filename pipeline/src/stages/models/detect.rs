@@ -331,15 +331,7 @@ impl AnomalyModel {
         names: &[&str],
         cfg: &DetectorConfig,
     ) -> Verdict {
-        on_this_thread(|| self.update_inline(values, names, cfg))
-    }
-
-    fn update_inline(
-        &mut self,
-        values: &[Option<f64>],
-        names: &[&str],
-        cfg: &DetectorConfig,
-    ) -> Verdict {
+        fit_on_this_thread();
         let features = self.features(values, cfg);
         self.seen += 1;
         let warm = self.seen > cfg.warmup as u64;
@@ -564,12 +556,11 @@ thread_local! {
         .ok();
 }
 
-/// Runs `f` with this thread made, once, the worker of its own one-thread rayon pool: rayon
-/// then runs parallel calls made on this thread inline (if that pool could not be made, e.g.
-/// on a thread already in another pool, they go where they went before).
-fn on_this_thread<R>(f: impl FnOnce() -> R) -> R {
+/// Makes this thread, once, the worker of its own one-thread rayon pool: rayon then runs
+/// parallel calls made on this thread inline (if that pool could not be made, e.g. on a
+/// thread already in another pool, they go where they went before).
+fn fit_on_this_thread() {
     INLINE_POOL.with(|_| ());
-    f()
 }
 
 /// The `q` quantile (linear interpolation) of `values`; `None` when empty.
